@@ -1,0 +1,37 @@
+# The README's two commands. Plain pip with torch pinned in the same command keeps this box on the CPU wheel.
+PY      ?= python3
+VENV    ?= .venv
+PIP      = $(VENV)/bin/pip
+INSTALL  = $(PIP) install -q -e '.[all,dev]' torch==2.13.0
+OUT     ?= demo-out
+
+.PHONY: setup demo test test-matrix test-slow clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(INSTALL)
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: the most complete pipeline that exists today (becomes `vlsi-edge demo`).
+demo: setup
+	$(VENV)/bin/vlsi-edge inspect --list
+	$(VENV)/bin/vlsi-edge data synth --out $(OUT)/shapes --n-pretrain 2000 --n-train 500 --n-val 100 --n-test 300 --overwrite
+	$(VENV)/bin/vlsi-edge inspect --model builtin:tiny-qwen2vl-student
+	$(VENV)/bin/vlsi-edge eval --model builtin:tiny-qwen2vl-teacher --data $(OUT)/shapes --split test --out $(OUT)/preds-teacher.json
+	$(VENV)/bin/vlsi-edge eval --model builtin:tiny-qwen2vl-student --data $(OUT)/shapes --split test --out $(OUT)/preds-student.json
+
+# The default test tier (<= 10 minutes on 2 cores). pytest's exit 5 (no tests ran) is a failure.
+test: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+test-matrix: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m matrix
+
+test-slow: setup
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m slow
+
+clean:
+	rm -rf $(VENV) $(OUT) build dist *.egg-info

@@ -1,0 +1,160 @@
+"""builtin:shapes: determinism, split independence and disjointness, balance, validation, the pixel solver at
+every difficulty, and the blind baselines at chance."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlsi_edge.data import shapes
+from vlsi_edge.data.baselines import blank_image_baseline, solver_baseline, text_only_baseline
+from vlsi_edge.data.conversations import open_dataset
+from vlsi_edge.data.solver import classify_shape, components, solve
+from vlsi_edge.errors import DataError
+
+SMALL = {"n_pretrain": 12, "n_train": 30, "n_val": 6, "n_test": 30}
+
+
+def _hashes(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_synth_is_byte_identical_and_seeded(tmp_path):
+    a = shapes.synth(tmp_path / "a", seed=5, difficulty=2, **SMALL)
+    b = shapes.synth(tmp_path / "b", seed=5, difficulty=2, **SMALL)
+    c = shapes.synth(tmp_path / "c", seed=6, difficulty=2, **SMALL)
+    ha, hb, hc = _hashes(a), _hashes(b), _hashes(c)
+    assert len(ha) == 4 + 1 + sum(SMALL.values()) and ha == hb
+    assert ha["test.json"] != hc["test.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_changing_other_splits_keeps_test_items(tmp_path):
+    a = shapes.synth(tmp_path / "a", **SMALL)
+    b = shapes.synth(tmp_path / "b", **{**SMALL, "n_train": 77, "n_pretrain": 0})
+    ha, hb = _hashes(a), _hashes(b)
+    assert {k: v for k, v in ha.items() if "test" in k} == {k: v for k, v in hb.items() if "test" in k}
+    assert ha["train.json"] != hb["train.json"]
+
+
+def test_records_and_info(tmp_path):
+    out = shapes.synth(tmp_path / "s", **SMALL)
+    records = json.loads((out / "test.json").read_text())
+    info = json.loads((out / "info.json").read_text())
+    assert info["version"] == shapes.GENERATOR_VERSION and info["params"]["n_test"] == 30
+    assert sum(info["counts"]["test"].values()) == info["totals"]["test"] == 30
+    assert set(info["counts"]["test"]) == set(shapes.CATEGORIES)
+    for r in records:
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        assert question.startswith("<image>\n") and question.rstrip().endswith(".")
+        assert "Answer" in question and answer in r["choices"] and len(answer.split()) == 1
+        assert r["category"] in shapes.CATEGORIES and r["difficulty"] == 1 and r["image_id"] == r["id"]
+        assert (out / r["image"]).is_file() and r["image"] == f"images/test/{r['id']}.png"
+        with Image.open(out / r["image"]) as im:
+            assert im.size == (112, 112) and im.mode == "RGB"
+
+
+def test_no_image_shared_across_splits(tmp_path):
+    out = shapes.synth(tmp_path / "s", n_pretrain=800, n_train=600, n_val=100, n_test=600)
+    owner = {}
+    for png in (out / "images").rglob("*.png"):
+        with Image.open(png) as im:
+            digest = hashlib.sha256(np.asarray(im.convert("RGB")).tobytes()).hexdigest()
+        assert digest not in owner, f"{png} repeats {owner.get(digest)}"
+        owner[digest] = png
+
+
+@pytest.mark.parametrize("difficulty", [1, 5])
+def test_answers_balanced_per_question_and_category(difficulty):
+    by_question, by_category = defaultdict(Counter), defaultdict(Counter)
+    for record, _ in shapes.generate_split("train", 1500, 11, difficulty, 112):
+        question, answer = (t["value"] for t in record["conversations"])
+        by_category[record["category"]][answer] += 1
+        if record["category"] != "spatial":
+            by_question[question][answer] += 1
+    for category, counts in by_category.items():
+        answers = shapes.ANSWERS[category]
+        assert set(counts) == set(answers), category
+        spread = max(counts.values()) - min(counts.values())
+        n_questions = {"colour": 4, "shape": 6, "count": 4, "comparison": 12}.get(category, 1)
+        assert spread <= n_questions, (category, counts)
+    for question, counts in by_question.items():
+        assert max(counts.values()) - min(counts.values()) <= 1 and len(counts) >= 2, (question, counts)
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"difficulty": 0}, "difficulty=0"), ({"difficulty": 6}, "difficulty=6"), ({"n_train": -1}, "negative"),
+    ({"image_size": 64}, "image_size=64"), ({"seed": 1.5}, "not an integer"),
+])
+def test_parameters_validated(tmp_path, params, words):
+    with pytest.raises(DataError, match=words):
+        shapes.synth(tmp_path / "x", **{**SMALL, **params})
+    assert not (tmp_path / "x").exists()
+
+
+def test_refuses_non_empty_out_unless_overwrite(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    shapes.synth(out, **SMALL)
+    (out / "stray.txt").write_text("x")
+    with pytest.raises(DataError, match="not empty"):
+        shapes.synth(out, **SMALL)
+    shapes.synth(out, overwrite=True, seed=1, **SMALL)
+    assert not (out / "stray.txt").exists() and json.loads((out / "info.json").read_text())["params"]["seed"] == 1
+
+
+def test_shape_classifier_across_sizes():
+    from PIL import ImageDraw
+
+    for size in range(10, 60):
+        for shape in shapes.SHAPES:
+            im = Image.new("RGB", (size + 8, size + 8), "white")
+            shapes.draw_shape(ImageDraw.Draw(im), shape, 4, 4, size, shapes.COLOURS["blue"])
+            (found,) = components(np.asarray(im))
+            assert (found.colour, found.shape) == ("blue", shape), size
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4, 5])
+def test_solver_is_perfect(difficulty):
+    wrong = []
+    for record, png in shapes.generate_split("val", 300, 100 + difficulty, difficulty, 112):
+        question, answer = (t["value"] for t in record["conversations"])
+        if solve(png, question) != answer:
+            wrong.append((record["id"], question, answer))
+    assert not wrong
+
+
+def test_solver_other_image_size_and_unknown_question():
+    items = list(shapes.generate_split("test", 60, 2, 3, 224))
+    assert all(solve(png, r["conversations"][0]["value"]) == r["conversations"][1]["value"] for r, png in items)
+    assert solve(items[0][1], "What is the meaning of life?") == ""
+    assert classify_shape(100, 10, 10, 10, 10) == "square"
+
+
+def test_blind_baselines_at_chance(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSI_EDGE_CACHE", str(tmp_path))
+    spec = "builtin:shapes:n_pretrain=0,n_train=3000,n_val=0,n_test=1200,seed=4"
+    train, test = open_dataset(spec, "train"), open_dataset(spec, "test")
+    text, blank = text_only_baseline(train, test), blank_image_baseline(test)
+    for result in (text, blank):
+        assert set(result["per_category"]) == set(shapes.CATEGORIES)
+        for category, row in result["per_category"].items():
+            assert row["n"] >= 190
+            assert abs(row["acc"] - row["chance"]) <= 0.05, (result["name"], category, row)
+    ceiling = solver_baseline(test)
+    assert ceiling["overall"]["acc"] == 1.0 and ceiling["overall"]["n"] == 1200
+
+
+def test_pattern_sequence_completion():
+    assert shapes.complete_sequence(["red", "blue", None, "blue", "red"]) == "red"
+    assert shapes.complete_sequence(["a", "b", "c", "a", None, "c", "a"]) == "b"
+    assert shapes.complete_sequence(["a", None, "b"]) is None and shapes.complete_sequence(["a", "b"]) is None
+    png = io.BytesIO()
+    Image.new("RGB", (112, 112), "white").save(png, format="PNG")
+    assert solve(png.getvalue(), "What colour belongs in the empty cell? Answer with one word.") == "red"

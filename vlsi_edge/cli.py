@@ -1,0 +1,197 @@
+"""The `vlsi-edge` command: one plain function per verb, flags from the signatures (see `_cli_args.py`).
+
+    vlsi-edge --help
+    vlsi-edge inspect --list
+    vlsi-edge data synth --out data/shapes --n-test 500
+    vlsi-edge eval --model builtin:tiny-qwen2vl-student --data builtin:shapes --split test --out preds.json
+
+Device-safe: this module imports only the standard library at the top; each verb imports what it needs, and host
+verbs check for Python ≥ 3.11 and the `host` extra first. User mistakes print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Literal
+
+from vlsi_edge._cli_args import flag_names
+from vlsi_edge.errors import UserError
+
+HOST_MODULES = ("torch", "transformers", "safetensors")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _require_host(verb: str) -> None:
+    if sys.version_info < (3, 11):
+        raise UserError(f"`vlsi-edge {verb}` needs Python >= 3.11 (transformers 5.x); this is "
+                        f"{sys.version.split()[0]}", "run the host verbs on a workstation, or use a 3.11+ venv")
+    missing = [m for m in HOST_MODULES if not _importable(m)]
+    if missing:
+        raise UserError(f"`vlsi-edge {verb}` needs the host extra ({', '.join(missing)} not installed)",
+                        "pip install 'vlsi-edge[host]' (with torch==2.13.0 in the same command)")
+
+
+# --------------------------------------------------------------------------------------------------- verbs
+@flag_names(json_out="--json", list_presets="--list")
+def inspect(model: str | None = None, json_out: bool = False, list_presets: bool = False) -> int:
+    """Show a model's family, layers, hidden size, vocabulary, target layers, image tokens and parameters.
+
+    Args:
+        model: builtin:NAME, a checkpoint folder, or a hub id
+        json_out: print one JSON document instead of a table
+        list_presets: list the supported families and built-in presets
+    """
+    _require_host("inspect")
+    from vlsi_edge.models import load_model, supported_model_types
+    from vlsi_edge.models.presets import FAMILY_NAMES, PRESETS
+
+    if list_presets or model is None:
+        info = {"families": list(FAMILY_NAMES), "model_types": supported_model_types(),
+                "presets": [f"builtin:{n}" for n in PRESETS]}
+        if json_out:
+            print(json.dumps(info))
+        else:
+            print("families:    " + ", ".join(info["families"]))
+            print("model types: " + ", ".join(info["model_types"]))
+            print("presets:")
+            for name, spec in PRESETS.items():
+                print(f"  builtin:{name:34s} {spec.num_layers} layers x {spec.hidden_size}, targets "
+                      f"{list(spec.target_layers)}, {spec.image_size}px")
+        return 0
+    m = load_model(model)
+    total = sum(p.numel() for p in m.model.parameters())
+    lm = sum(p.numel() for p in m.decoder_layers.parameters()) + m.embed_tokens.weight.numel() \
+        + m.lm_head.weight.numel() + sum(p.numel() for p in m.final_norm.parameters())
+    info = {
+        "model": m.source, "family": m.family, "model_type": m.model.config.model_type,
+        "num_layers": m.num_layers, "hidden_size": m.hidden_size, "vocab_size": m.vocab_size,
+        "tokenizer_size": len(m.tokenizer), "target_layers": m.target_layers, "image_size": m.image_size,
+        "image_tokens": m.image_token_count(), "params": total, "params_language": lm,
+        "params_vision": total - lm, "dtype": str(next(m.model.parameters()).dtype).removeprefix("torch."),
+    }
+    if json_out:
+        print(json.dumps(info))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            if isinstance(v, int) and k.startswith("params"):
+                v = f"{v:,}"
+            print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 200, n_test: int = 1000,
+               seed: int = 0, difficulty: int = 1, image_size: int = 112, overwrite: bool = False) -> int:
+    """Write the built-in synthetic suite (builtin:shapes) as LLaVA JSON files plus PNG images.
+
+    Args:
+        out: output folder (pretrain/train/val/test .json + images/)
+        n_pretrain: items in the pretrain split (disjoint from the rest; used to pretrain tiny models)
+        n_train: items in the train split
+        n_val: items in the val split
+        n_test: items in the test split
+        seed: generator seed (same seed and sizes give byte-identical files)
+        difficulty: 1..5: more objects, distractors and clutter
+        image_size: side of the square images in pixels
+        overwrite: replace an existing non-empty folder
+    """
+    from vlsi_edge.data.shapes import synth
+
+    for name, value in (("--n-pretrain", n_pretrain), ("--n-train", n_train), ("--n-val", n_val),
+                        ("--n-test", n_test)):
+        if value < 0:
+            raise UserError(f"{name} {value} is negative; expected a count >= 0")
+    path = synth(Path(out), n_pretrain=n_pretrain, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
+                 difficulty=difficulty, image_size=image_size, overwrite=overwrite)
+    info = json.loads((Path(path) / "info.json").read_text())
+    counts = info.get("counts", {})
+    print(f"wrote {path}: " + ", ".join(f"{k} {v if isinstance(v, int) else sum(v.values())}"
+                                         for k, v in counts.items()))
+    return 0
+
+
+def eval(model: str, data: str, out: str, split: str = "test", batch_size: int = 16, max_new_tokens: int = 8,
+         limit: int | None = None, image_root: str | None = None, skip_bad_samples: bool = False,
+         dtype: Literal["float32", "bfloat16", "float16"] = "float32", device: str = "cpu",
+         name: str | None = None) -> int:
+    """Greedy per-item predictions of a PyTorch model on a split, with accuracy and 95% CIs (results JSON).
+
+    Args:
+        model: builtin:NAME, a checkpoint folder (e.g. RUN/student), or a hub id
+        data: builtin:shapes, a .json/.jsonl file, or a folder with train/val/test files
+        out: where to write the results JSON
+        split: which split of --data to score
+        batch_size: items per generate call
+        max_new_tokens: answer length limit
+        limit: score only the first N items
+        image_root: folder that image paths are relative to (default: the data file's folder)
+        skip_bad_samples: drop bad samples (reported) instead of stopping at the first
+        dtype: model dtype
+        device: torch device
+        name: the system's name in reports (default: derived from --model)
+    """
+    _require_host("eval")
+    from vlsi_edge.evaluate import evaluate
+
+    evaluate(model=model, data=data, out=Path(out), split=split, batch_size=batch_size,
+             max_new_tokens=max_new_tokens, limit=limit, image_root=image_root, skip_bad=skip_bad_samples,
+             dtype=dtype, device=device, name=name)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plumbing
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage + message otherwise)
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+VERBS = {"inspect": inspect, "eval": eval}
+GROUPS = {"data": {"synth": data_synth}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vlsi_edge import __version__
+    from vlsi_edge._cli_args import add_function
+
+    parser = _Parser(prog="vlsi-edge", description="VLsI distillation of small VLMs, exported to Jetson and phones.")
+    parser.add_argument("--version", action="version", version=f"vlsi-edge {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for name, fn in VERBS.items():
+        add_function(sub, name, fn)
+    for group, verbs in GROUPS.items():
+        gp = sub.add_parser(group, help=f"{group} verbs: " + ", ".join(verbs))
+        gsub = gp.add_subparsers(dest="sub", metavar="SUBVERB", parser_class=_Parser)
+        gsub.required = True
+        for name, fn in verbs.items():
+            add_function(gsub, name, fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    from vlsi_edge._cli_args import call
+
+    try:
+        return int(call(ns) or 0)
+    except UserError as e:
+        sys.stderr.write(f"vlsi-edge: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("vlsi-edge: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

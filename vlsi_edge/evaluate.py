@@ -1,0 +1,72 @@
+"""Host-side evaluation: greedy per-item predictions of a PyTorch model, scored by the one answer parser.
+
+    vlsi-edge eval --model builtin:tiny-qwen2vl-student --data builtin:shapes --split test --out preds.json
+
+Writes the versioned results schema (`vlsi_edge.results`), so host predictions of the teacher and the PyTorch
+student join with device results in `vlsi-edge report`.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from pathlib import Path
+
+from vlsi_edge.errors import DataError
+
+
+def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: int = 16, max_new_tokens: int = 8,
+             limit: int | None = None, image_root: str | None = None, skip_bad: bool = False,
+             dtype: str = "float32", device: str = "cpu", name: str | None = None, log=print) -> dict:
+    import torch
+
+    from vlsi_edge.data.answers import score
+    from vlsi_edge.data.collate import Collator
+    from vlsi_edge.data.conversations import open_dataset
+    from vlsi_edge.data.scoring import summarize
+    from vlsi_edge.models import load_model
+    from vlsi_edge.results import make_results, write_json_atomic
+
+    if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
+        raise DataError("--batch-size, --max-new-tokens and --limit must be >= 1")
+    dataset = open_dataset(data, split=split, image_root=image_root, skip_bad=skip_bad)
+    dataset.validate()
+    if dataset.skipped:
+        log(f"skipped {sum(dataset.skipped.values())} bad samples: "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(dataset.skipped.items())), file=sys.stderr)
+    samples = list(itertools.islice(iter(dataset), limit))
+    if not samples:
+        raise DataError(f"{data} split {split!r} has no samples to evaluate")
+    adapter = load_model(model, dtype=dtype, device=device)
+    collate = Collator(adapter, mode="generate")
+    tok = adapter.tokenizer
+    items, t0 = [], time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(chunk).items()}
+            gen = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+            new = gen[:, batch["input_ids"].shape[1]:]
+            for sample, ids in zip(chunk, new.tolist()):
+                raw = tok.decode(ids, skip_special_tokens=True).strip()
+                choices = sample.meta.get("choices")
+                parsed, correct = score(raw, sample.answer, choices)
+                items.append({"id": sample.id, "category": sample.category, "cluster": sample.cluster,
+                              "question": sample.question, "gold": sample.answer, "raw": raw, "parsed": parsed,
+                              "correct": bool(correct)})
+            log(f"eval {len(items)}/{len(samples)}", file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    metrics = summarize(items)
+    system = {"name": name or Path(str(model)).name.removeprefix("builtin:"), "model": adapter.source,
+              "family": adapter.family, "backend": "torch", "precision": dtype, "device": device}
+    doc = make_results("eval", system, {"spec": data, "split": split}, items, metrics,
+                       timing={"seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)},
+                       skipped=dict(dataset.skipped))
+    write_json_atomic(out, doc)
+    ov = metrics["overall"]
+    log(f"accuracy {ov['acc']:.3f} [{ov['lo']:.3f}, {ov['hi']:.3f}] on {ov['n']} items; parse failures "
+        f"{ov['parse_failure_rate']:.3f}; wrote {out}")
+    for cat, m in sorted(metrics.get("per_category", {}).items()):
+        log(f"  {cat:<12s} {m['acc']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]  n={m['n']}")
+    return doc
