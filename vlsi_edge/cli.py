@@ -148,6 +148,130 @@ def eval(model: str, data: str, out: str, split: str = "test", batch_size: int =
     return 0
 
 
+def _distill_config(base: str | None, flags: dict, sets: list[str]):
+    """A DistillConfig from a preset (YAML path or recipe name), then explicit flags, then --set key=value."""
+    import yaml
+
+    from vlsi_edge.config import DistillConfig, recipe_path, recipes
+
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.batch_size=8")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    if base is None:
+        return DistillConfig.from_dict({}, overrides)
+    path = Path(base)
+    if not path.exists() and base in recipes():
+        path = recipe_path(base)
+    elif not path.exists():
+        raise UserError(f"--config {base}: no such file or recipe", "recipes: " + ", ".join(recipes()))
+    return DistillConfig.from_yaml(path, overrides)
+
+
+def _parse_steps(steps: str | None) -> dict | None:
+    if steps is None:
+        return None
+    try:
+        if "=" not in steps:
+            n = int(steps)
+            return {"verbalize": n, "interact": n, "sft": n, "kd": n}
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in steps.split(","))}
+    except ValueError:
+        raise UserError(f"--steps {steps!r}: expected N or stage=N,... (e.g. verbalize=100,interact=200,sft=100)") \
+            from None
+
+
+@flag_names(set_="--set")
+def train(model: str, data: str, out: str, steps: int | None = None, config: str | None = None,
+          split: str | None = None, batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
+          lora: bool | None = None, image_root: str | None = None, skip_bad_samples: bool | None = None,
+          resume: bool = False, overwrite: bool = False, set_: list[str] | None = None) -> int:
+    """Plain supervised fine-tuning (the same loop as `distill --method sft`); writes OUT/student/.
+
+    Args:
+        model: the model to train: builtin:NAME, a checkpoint folder, or a hub id
+        data: builtin:shapes[:k=v,...], a .json/.jsonl file, or a folder with split files
+        out: run folder (config.yaml, state/, metrics.jsonl, student/)
+        steps: optimizer steps
+        config: a YAML preset or a recipe name (flags override it)
+        split: data split to train on (default train; pretraining uses pretrain)
+        batch_size: micro-batch size per process
+        lr: peak learning rate
+        seed: run seed (data order, initialisation of verbalizers, matching)
+        lora: train LoRA adapters instead of all weights
+        image_root: folder image paths are relative to
+        skip_bad_samples: drop bad samples (reported) instead of stopping
+        resume: continue the run in OUT from its last checkpoint
+        overwrite: replace an existing OUT
+        set_: extra config overrides, key=value (e.g. train.grad_accum=4)
+    """
+    _require_host("train")
+    from vlsi_edge.distill.trainer import Trainer
+
+    flags = {"method": "sft", "student": model, "teacher": None, "data": data, "split": split,
+             "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed, "lora.enabled": lora,
+             "image_root": image_root, "skip_bad_samples": skip_bad_samples}
+    if steps is not None:
+        flags["steps"] = {"sft": steps}
+    cfg = _distill_config(config, flags, set_ or [])
+    Trainer(cfg, Path(out), resume=resume, overwrite=overwrite).run()
+    return 0
+
+
+@flag_names(set_="--set")
+def distill(student: str | None = None, data: str | None = None, out: str | None = None,
+            teacher: str | None = None, config: str | None = None,
+            method: Literal["vlsi", "sft", "kd"] | None = None, stages: str | None = None,
+            steps: str | None = None, split: str | None = None, batch_size: int | None = None,
+            grad_accum: int | None = None, lr: float | None = None, seed: int | None = None,
+            lora: bool | None = None, teacher_verbalizers: str | None = None, cache_teacher: str | None = None,
+            image_root: str | None = None, skip_bad_samples: bool | None = None, resume: bool = False,
+            overwrite: bool = False, set_: list[str] | None = None) -> int:
+    """VLsI distillation (verbalize -> interact -> SFT), or the SFT / logit-KD baselines, in one loop.
+
+    Args:
+        student: the small model: builtin:NAME, a checkpoint folder, or a hub id
+        data: builtin:shapes[:k=v,...], a .json/.jsonl file, or a folder with split files
+        out: run folder (config.yaml, state/, metrics.jsonl, matching.json, verbalizers/, student/)
+        teacher: the large model of the same family (not needed for --method sft)
+        config: a YAML preset or a recipe name (flags override it)
+        method: vlsi (the paper), sft (no teacher), or kd (final-logit distillation)
+        stages: comma list from verbalize,interact,sft (vlsi only)
+        steps: optimizer steps: N for every stage, or verbalize=N,interact=N,sft=N
+        split: data split to train on
+        batch_size: micro-batch size per process
+        grad_accum: micro-batches per optimizer step
+        lr: peak learning rate
+        seed: run seed (data order, verbalizer init, matching samples)
+        lora: train LoRA adapters instead of all student weights
+        teacher_verbalizers: reuse trained teacher verbalizers (checked against the teacher and its layers)
+        cache_teacher: folder for the precomputed top-k teacher cache
+        image_root: folder image paths are relative to
+        skip_bad_samples: drop bad samples (reported) instead of stopping
+        resume: continue the run in OUT from its last checkpoint
+        overwrite: replace an existing OUT
+        set_: extra config overrides, key=value (e.g. matching.strategy=random loss.kl=reverse)
+    """
+    _require_host("distill")
+    from vlsi_edge.distill.trainer import Trainer
+
+    if out is None:
+        raise UserError("--out is required", "e.g. --out runs/vlsi")
+    flags = {"student": student, "teacher": teacher, "data": data, "method": method, "split": split,
+             "train.batch_size": batch_size, "train.grad_accum": grad_accum, "optim.lr": lr, "train.seed": seed,
+             "lora.enabled": lora, "teacher_verbalizers": teacher_verbalizers, "cache.dir": cache_teacher,
+             "image_root": image_root, "skip_bad_samples": skip_bad_samples,
+             "stages": [s.strip() for s in stages.split(",")] if stages else None}
+    parsed = _parse_steps(steps)
+    if parsed is not None:
+        flags["steps"] = parsed
+    cfg = _distill_config(config, flags, set_ or [])
+    Trainer(cfg, Path(out), resume=resume, overwrite=overwrite).run()
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- plumbing
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage + message otherwise)
@@ -155,7 +279,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-VERBS = {"inspect": inspect, "eval": eval}
+VERBS = {"inspect": inspect, "train": train, "distill": distill, "eval": eval}
 GROUPS = {"data": {"synth": data_synth}}
 
 

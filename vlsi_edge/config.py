@@ -17,6 +17,7 @@ from typing import Literal
 from vlsi_edge.errors import ConfigError
 
 STAGES = ("verbalize", "interact", "sft")
+DEFAULT_STEPS = {"verbalize": 100, "interact": 200, "sft": 100, "kd": 200}
 
 
 @dataclass
@@ -109,7 +110,7 @@ class DistillConfig:
     teacher_verbalizers: str | None = None
     student_target_layers: list[int] | None = None
     teacher_target_layers: list[int] | None = None
-    steps: dict[str, int] = field(default_factory=lambda: {"verbalize": 100, "interact": 200, "sft": 100})
+    steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS))  # optimizer steps per stage
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -128,6 +129,7 @@ class DistillConfig:
 
     def _check_values(self) -> list[str]:
         p = []
+        self.steps = {**DEFAULT_STEPS, **self.steps}
         if self.method == "sft":
             if self.stages != ["sft"]:
                 self.stages = ["sft"]

@@ -1,0 +1,129 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a folder `RUN/state/<stage>-<step>/` written under a temporary name, every file fsynced, the folder
+renamed into place and fsynced, and only then `RUN/state/latest.json` replaced (also atomically). A crash at any
+moment leaves either the previous checkpoint or the new one as `latest`, never half of one. Tensors go to
+safetensors; optimizer state through `torch.save` and back with `weights_only=True`; everything else is JSON.
+
+    save_checkpoint(run / "state", "interact-000120", tensors={...}, optimizer=opt.state_dict(), meta={...})
+    ck = load_latest(run / "state")      # None when there is none
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlsi_edge.errors import UserError
+
+LATEST = "latest.json"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; on success fsync it and rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict | None
+    meta: dict
+
+
+def save_checkpoint(state_dir: Path, name: str, tensors: dict[str, torch.Tensor], optimizer: dict | None,
+                    meta: dict, keep: int = 2) -> Path:
+    from safetensors.torch import save_file
+
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    final = state_dir / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=state_dir))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+        if optimizer is not None:
+            torch.save(optimizer, tmp / "optimizer.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(state_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(state_dir / LATEST, {"name": name})
+    _prune(state_dir, keep=keep, protect=name)
+    return final
+
+
+def _prune(state_dir: Path, keep: int, protect: str) -> None:
+    done = sorted((p for p in state_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime)
+    for old in done[:-keep] if keep else done:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in state_dir.glob(".*"):  # temporaries of a killed writer
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def load_latest(state_dir: Path) -> Checkpoint | None:
+    from safetensors.torch import load_file
+
+    state_dir = Path(state_dir)
+    pointer = state_dir / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text())["name"]
+        path = state_dir / name
+        tensors = load_file(str(path / "tensors.safetensors"))
+        opt = path / "optimizer.pt"
+        optimizer = torch.load(opt, weights_only=True, map_location="cpu") if opt.is_file() else None
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint in {state_dir} cannot be read ({type(e).__name__}: {str(e)[:120]})",
+                        "start a new run, or remove the broken state/ folder") from None
+    return Checkpoint(path=path, tensors=tensors, optimizer=optimizer, meta=meta)

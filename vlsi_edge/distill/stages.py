@@ -1,0 +1,199 @@
+"""What each training phase computes: the trainable set and the loss of one micro-batch.
+
+Phases (METHOD.md): `verbalize-teacher`, `verbalize-student` (Step 1: frozen backbone, CE of every target layer's
+verbalizer), `interact` (Step 2: candidate-KL matrix without grad → sampled matching → chosen pairs and the last
+layer with grad), `sft` (Step 3 and the SFT-only baseline), `kd` (final-logit distillation baseline). Each loss is a
+SUM over response tokens; the trainer divides by the global token count of the optimizer step, so N processes and
+gradient accumulation reproduce one process with the same global batch.
+
+VLsI: https://arxiv.org/abs/2412.01822 (§3.1 verbalization, §3.2 interaction, Algorithm 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vlsi_edge.config import DistillConfig
+from vlsi_edge.distill import losses
+from vlsi_edge.distill.matching import candidate_pairs, match, matching_generator
+from vlsi_edge.distill.verbalizer import Verbalizers
+
+
+class Side(nn.Module):
+    """One model plus its verbalizers, as one module (what DDP/FSDP wraps): forward gives response-token features.
+
+    Returns `{layer: (N, D)}`: verbalizer features `norm(verbFFN(h_k))` for target layers and the post-norm final
+    state for `num_layers`, gathered at the N response positions.
+    """
+
+    def __init__(self, adapter, verb: Verbalizers | None):
+        super().__init__()
+        self.adapter = adapter
+        self.model = adapter.model
+        self.verb = verb
+
+    def forward(self, batch: dict, layers: list[int], index: torch.Tensor, backbone_grad: bool) -> dict:
+        with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
+            states = self.adapter.hidden_states(batch, layers)
+        out = {}
+        for k in layers:
+            h = losses.gather(states[k], index)  # (N, D)
+            out[k] = h if k == self.adapter.num_layers else self.verb.features(k, h, self.adapter.final_norm)
+        return out
+
+
+@dataclass
+class Context:
+    cfg: DistillConfig
+    student: Side
+    teacher: Side | None
+    vocab: int                       # common real-vocabulary prefix
+    s_layers: list[int]
+    t_layers: list[int]
+    reduce_sum: object = None        # callable(Tensor) -> Tensor, all-reduce over ranks (identity when alone)
+    teacher_cache: object = None     # TeacherCache or None
+    matching_log: object = None
+    stats: dict = field(default_factory=dict)
+
+
+def trainable_parameters(phase: str, ctx: Context, lora: bool) -> tuple[list, list]:
+    """(model params, verbalizer params) that this phase trains; everything else is frozen."""
+    s_model, s_verb = ctx.student.model, ctx.student.verb
+    for mod in [s_model, *([ctx.teacher.model] if ctx.teacher else [])]:
+        mod.requires_grad_(False)
+    for verb in (s_verb, ctx.teacher.verb if ctx.teacher else None):
+        if verb is not None:
+            verb.requires_grad_(False)
+    model_params: list = []
+    verb_params: list = []
+    if phase == "verbalize-teacher":
+        verb_params = list(ctx.teacher.verb.parameters())
+    elif phase == "verbalize-student":
+        verb_params = list(s_verb.parameters())
+    else:
+        if lora:
+            model_params = [p for n, p in s_model.named_parameters() if "lora_" in n]
+        else:
+            head = ctx.student.adapter.lm_head.weight
+            model_params = [p for p in s_model.parameters() if phase != "interact" or p is not head]
+        if phase == "interact":
+            verb_params = list(s_verb.parameters())
+    for p in model_params + verb_params:
+        p.requires_grad_(True)
+    return model_params, verb_params
+
+
+def response_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: list[str] | None = None,
+               student_call=None) -> tuple[torch.Tensor, dict]:
+    """SUM over this micro-batch's response tokens of the phase's loss, and what to log."""
+    cfg, vocab, chunk = ctx.cfg, ctx.vocab, ctx.cfg.loss.chunk_size
+    student_call = student_call or ctx.student
+    labels = batch.pop("labels")
+    index, targets = losses.response_positions(labels)
+    sn = ctx.student.adapter.num_layers
+    w_s = ctx.student.adapter.lm_head.weight
+
+    if phase == "verbalize-teacher" or phase == "verbalize-student":
+        side = ctx.teacher if phase == "verbalize-teacher" else ctx.student
+        call = side if phase == "verbalize-teacher" else student_call
+        layers = ctx.t_layers if side is ctx.teacher else ctx.s_layers
+        feats = call(batch, layers, index, backbone_grad=False)
+        w = side.adapter.lm_head.weight
+        per_layer = {k: losses.chunked_ce(feats[k], w, targets, vocab, chunk) for k in layers}
+        total = sum(per_layer.values())
+        return total, {f"ce@{k}": v.detach() for k, v in per_layer.items()}
+
+    if phase == "sft":
+        feats = student_call(batch, [sn], index, backbone_grad=True)
+        return losses.chunked_ce(feats[sn], w_s, targets, vocab, chunk), {}
+
+    teacher = _teacher_outputs(ctx, batch, index, item_ids, final_only=(phase == "kd"))
+    if teacher["n"] != index.numel():
+        raise RuntimeError(f"teacher has {teacher['n']} response tokens, student {index.numel()}: the two "
+                           f"tokenisations of the responses differ")
+    if phase == "kd":
+        feats = student_call(batch, [sn], index, backbone_grad=True)
+        t = cfg.kd.temperature
+        loss = losses.chunked_kl(feats[sn], w_s, teacher["final"], vocab, chunk, direction=cfg.kd.kl,
+                                 temperature=t) * (t * t)
+        logs = {"kl": loss.detach()}
+        if cfg.kd.ce_weight:
+            ce = losses.chunked_ce(feats[sn], w_s, targets, vocab, chunk)
+            loss = loss + cfg.kd.ce_weight * ce
+            logs["ce"] = ce.detach()
+        return loss, logs
+
+    # interact ------------------------------------------------------------------------------------------
+    feats = student_call(batch, [*ctx.s_layers, sn], index, backbone_grad=True)
+    t_feats = teacher["layers"]
+    t_s, t_l = len(ctx.s_layers), len(ctx.t_layers)
+    mcfg = cfg.matching
+    needs_kl = mcfg.strategy in ("multinomial", "bottom-k")
+    if needs_kl:
+        pairs = candidate_pairs(t_s, t_l, mcfg)
+        sums = losses.pairwise_kl([feats[k].detach() for k in ctx.s_layers], w_s, t_feats, vocab, pairs=pairs,
+                                  chunk=chunk, direction=cfg.loss.kl)
+        finite = torch.isfinite(sums)
+        totals = ctx.reduce_sum(torch.cat([torch.where(finite, sums, torch.zeros_like(sums)).reshape(-1).double(),
+                                           torch.tensor([float(index.numel())], dtype=torch.float64)]))
+        n_all = totals[-1].item()
+        kl = torch.where(finite, totals[:-1].reshape(t_s, t_l) / max(n_all, 1.0), torch.full_like(sums, float("inf"),
+                                                                                              dtype=torch.float64))
+        if n_all == 0:  # nothing to compare: every candidate ties
+            kl = torch.where(finite, torch.zeros_like(kl), kl)
+    else:
+        kl = torch.full((t_s, t_l), float("inf"), dtype=torch.float64)
+    result = match(kl, mcfg, matching_generator(cfg.train.seed, step_key), step=step_key)
+    if ctx.matching_log is not None:
+        ctx.matching_log.record(step_key // max(1, cfg.train.grad_accum), result)
+
+    loss = w_s.new_zeros((), dtype=torch.float32)
+    logs = {}
+    for i, k in enumerate(ctx.s_layers):
+        j = result.teacher_index[i]
+        term = _pair_loss(cfg.loss.intermediate, feats[k], w_s, t_feats[j], targets, vocab, chunk, cfg.loss.kl)
+        if term is None:
+            term = feats[k].sum() * 0.0  # keeps every verbalizer in the graph (DDP needs a grad for each)
+        loss = loss + term
+    last = _pair_loss(cfg.loss.last, feats[sn], w_s, teacher["final"], targets, vocab, chunk, cfg.loss.kl)
+    if last is not None:
+        loss = loss + last
+        logs["last"] = last.detach()
+    logs["matched"] = [ctx.t_layers[j] for j in result.teacher_index]
+    return loss, logs
+
+
+def _pair_loss(op: str, x_s, w_s, teacher, targets, vocab, chunk, direction):
+    if op == "none":
+        return None
+    if op == "kld":
+        return losses.chunked_kl(x_s, w_s, teacher, vocab, chunk, direction=direction)
+    if op == "ce":
+        return losses.chunked_ce(x_s, w_s, targets, vocab, chunk)
+    if op == "l2":
+        return losses.chunked_l2(x_s, w_s, teacher, vocab, chunk)
+    raise ValueError(f"unknown loss op {op!r}")
+
+
+def _teacher_outputs(ctx: Context, batch: dict, s_index: torch.Tensor, item_ids, final_only: bool) -> dict:
+    """Teacher distributions on the response tokens: live (Dense features) or from the top-k cache (TopK)."""
+    if ctx.teacher_cache is not None:
+        return ctx.teacher_cache.lookup(item_ids, ctx.t_layers, final_only)
+    t_batch = batch.pop("teacher_batch")
+    t_labels = t_batch.pop("labels")
+    t_index, _ = losses.response_positions(t_labels)
+    tn = ctx.teacher.adapter.num_layers
+    w_t = ctx.teacher.adapter.lm_head.weight
+    layers = [tn] if final_only else [*ctx.t_layers, tn]
+    with torch.no_grad():
+        feats = ctx.teacher(t_batch, layers, t_index, backbone_grad=False)
+    out = {"n": t_index.numel(), "final": losses.Dense(feats[tn], w_t)}
+    if not final_only:
+        out["layers"] = [losses.Dense(feats[k], w_t) for k in ctx.t_layers]
+    return out
