@@ -54,8 +54,10 @@ def add_function(sub: argparse._SubParsersAction, name: str, fn) -> argparse.Arg
             kw["choices"] = list(args)
             kw["type"] = type(args[0])
         elif origin in (list, tuple):
-            kw["nargs"] = "+" if param.default is inspect.Parameter.empty else "*"
+            kw["nargs"] = "+"
             kw["type"] = args[0] if args else str
+            if param.kind is not inspect.Parameter.POSITIONAL_ONLY:
+                kw["action"] = "extend"  # repeated flags add up: --set a=1 --set b=2
         else:
             kw["type"] = {Path: str}.get(ann, ann if ann in (int, float, str) else str)
         if param.kind is inspect.Parameter.POSITIONAL_ONLY:

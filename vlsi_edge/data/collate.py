@@ -58,7 +58,8 @@ class Collator:
         for i, segs in enumerate(rendered):
             keep = head_mask[i].bool()
             ids = head_ids[i][keep].tolist()
-            row = {"input_ids": ids, "labels": [IGNORE] * len(ids) if not segs[0][1] else list(ids)}
+            prompt_len = len(ids)
+            row = {"input_ids": list(ids), "labels": [IGNORE] * len(ids) if not segs[0][1] else list(ids)}
             for k, v in per_token.items():
                 row[k] = v[i][keep].tolist()
             for text, trainable in segs[1:]:
@@ -68,8 +69,9 @@ class Collator:
                 for k in per_token:
                     row[k] += [0] * len(more)
             if self.max_length and len(row["input_ids"]) > self.max_length:
-                self.truncated += 1
-                row = {k: v[: self.max_length] for k, v in row.items()}
+                self.truncated += 1  # cut responses, never the prompt (it holds the image tokens)
+                keep = max(self.max_length, prompt_len)
+                row = {k: v[:keep] for k, v in row.items()}
             rows.append(row)
 
         width = max(len(r["input_ids"]) for r in rows)

@@ -366,10 +366,9 @@ class Trainer:
                     logs_acc[k] = v if k == "matched" else logs_acc.get(k, 0.0) + float(v)
             loss_global = self.dist.reduce_sum(torch.tensor([loss_sum], device=self.device)).item()
             grad_norm = None
-            if n_global > 0:
-                if cfg.optim.clip:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip))
-                opt.step()
+            if n_global > 0 and cfg.optim.clip:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip))
+            opt.step()  # parameters without a gradient (an all-masked step) are left alone
             opt.zero_grad(set_to_none=True)
             sched.step()
             record = {"phase": phase, "step": step + 1, "loss": loss_global / max(n_global, 1.0),

@@ -1,0 +1,203 @@
+"""The training loop end to end on the tiny presets: every method and stage, exact resume, bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
+
+from vlsi_edge.cli import main  # noqa: E402
+from vlsi_edge.distill import trainer as trainer_mod  # noqa: E402
+
+DATA = "builtin:shapes:n_pretrain=0,n_train=40,n_val=0,n_test=0,seed=7"
+QT, QS = "builtin:tiny-qwen2vl-teacher", "builtin:tiny-qwen2vl-student"
+
+
+def _distill(out, *extra, teacher=QT, student=QS, steps="verbalize=3,interact=4,sft=3"):
+    args = ["distill", "--student", student, "--data", DATA, "--out", str(out), "--steps", steps,
+            "--batch-size", "4", "--set", "train.checkpoint_every=2", "--set", "train.log_every=1"]
+    if teacher:
+        args += ["--teacher", teacher]
+    return main(args + list(extra))
+
+
+def _one_line(capsys, rc, *needles):
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("vlsi-edge: error:")]
+    assert rc == 2 and len(lines) == 1, err
+    for n in needles:
+        assert n.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "student" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["qwen2vl", "llava_onevision"])
+def test_vlsi_runs_all_three_stages(family, tmp_path, torch_threads):
+    run = tmp_path / "run"
+    assert _distill(run, teacher=f"builtin:tiny-{family}-teacher", student=f"builtin:tiny-{family}-student") == 0
+    phases = [json.loads(line)["phase"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert ["verbalize-teacher", "verbalize-student", "interact", "sft"] == list(dict.fromkeys(phases))
+    assert (run / "verbalizers" / "teacher.safetensors").is_file()
+    assert (run / "verbalizers" / "student.safetensors").is_file()
+    matching = json.loads((run / "matching.json").read_text())
+    assert matching["student_layers"] == [1, 2, 3, 4] and matching["teacher_layers"] == list(range(1, 10))
+    assert all(sum(row) == 4 for row in matching["total"])  # one match per student layer per step
+    from transformers import AutoModelForImageTextToText
+
+    hf = AutoModelForImageTextToText.from_pretrained(run / "student")
+    assert not any("verb" in n or "lora" in n for n, _ in hf.named_parameters())
+    config = json.loads((run / "student" / "config.json").read_text())
+    assert config["vlsi_edge"]["target_layers"] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("crash_at", [("verbalize-teacher", 2), ("interact", 3), ("sft", 1)])
+def test_resume_is_bit_identical(crash_at, tmp_path, monkeypatch, torch_threads):
+    ref = tmp_path / "ref"
+    assert _distill(ref) == 0
+
+    real = trainer_mod.phase_loss
+    calls = {"n": 0}
+
+    def crashing(phase, ctx, batch, key, *a, **kw):
+        if phase == crash_at[0]:
+            calls["n"] += 1
+            if calls["n"] == crash_at[1] + 1:
+                raise KeyboardInterrupt  # killed mid-step, after crash_at[1] completed steps of that phase
+        return real(phase, ctx, batch, key, *a, **kw)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(trainer_mod, "phase_loss", crashing)
+    assert _distill(run) == 130
+    monkeypatch.setattr(trainer_mod, "phase_loss", real)
+    assert _distill(run, "--resume") == 0
+
+    a, b = _weights(ref), _weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for name in ("teacher", "student"):
+        va = load_file(str(ref / "verbalizers" / f"{name}.safetensors"))
+        vb = load_file(str(run / "verbalizers" / f"{name}.safetensors"))
+        assert all(torch.equal(va[k], vb[k]) for k in va)
+    assert json.loads((ref / "matching.json").read_text()) == json.loads((run / "matching.json").read_text())
+
+    def losses(path):
+        return [(r["phase"], r["step"], r["loss"]) for r in map(json.loads, (path / "metrics.jsonl").open())]
+    assert losses(ref) == losses(run)
+
+
+def test_resume_with_other_config_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _distill(run, steps="verbalize=1,interact=1,sft=1") == 0
+    capsys.readouterr()
+    rc = _distill(run, "--resume", "--set", "matching.strategy=random", steps="verbalize=1,interact=1,sft=1")
+    _one_line(capsys, rc, "different config", "matching.strategy", "random")
+
+
+def test_existing_output_needs_resume_or_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _distill(run, teacher=None, steps="sft=1", *["--method", "sft"]) == 0
+    capsys.readouterr()
+    rc = _distill(run, "--method", "sft", teacher=None, steps="sft=1")
+    _one_line(capsys, rc, "already holds", "--resume")
+    assert _distill(run, "--method", "sft", "--overwrite", teacher=None, steps="sft=1") == 0
+
+
+@pytest.mark.parametrize("method", ["sft", "kd"])
+def test_baselines_run(method, tmp_path, torch_threads):
+    run = tmp_path / method
+    teacher = QT if method == "kd" else None
+    assert _distill(run, "--method", method, "--set", "kd.ce_weight=0.5", teacher=teacher, steps="3") == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert {r["phase"] for r in recs} == {method}
+    assert (run / "student" / "model.safetensors").is_file()
+    if method == "kd":
+        assert "kl" in recs[-1] and "ce" in recs[-1]
+
+
+def test_lowres_student_aligns_by_response_order(tmp_path, torch_threads):
+    run = tmp_path / "run"
+    assert _distill(run, student="builtin:tiny-qwen2vl-student-lowres", steps="verbalize=1,interact=2,sft=1") == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"interact"' in line]
+    assert recs and all(r["tokens"] > 0 for r in recs)
+
+
+def test_teacher_verbalizers_are_reused_and_checked(tmp_path, capsys, torch_threads):
+    first = tmp_path / "first"
+    assert _distill(first, "--stages", "verbalize", steps="verbalize=2") == 0
+    tv = first / "verbalizers" / "teacher.safetensors"
+    second = tmp_path / "second"
+    assert _distill(second, "--teacher-verbalizers", str(tv), steps="verbalize=1,interact=1,sft=1") == 0
+    phases = {json.loads(line)["phase"] for line in (second / "metrics.jsonl").open()}
+    assert "verbalize-teacher" not in phases
+    capsys.readouterr()
+    rc = _distill(tmp_path / "third", "--teacher-verbalizers", str(tv), teacher="builtin:tiny-llava_onevision-teacher",
+                  student="builtin:tiny-llava_onevision-student", steps="verbalize=1,interact=1,sft=1")
+    _one_line(capsys, rc, "teacher.safetensors")
+
+
+def test_all_masked_batches_are_skipped_not_nan(tmp_path):
+    run = tmp_path / "run"
+    assert _distill(run, "--method", "sft", "--set", "train.max_length=12", teacher=None, steps="2") == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert all(r["loss"] == 0.0 and r["tokens"] == 0 and r["skipped_batches"] == 1 for r in recs)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    rc = _distill(run, "--method", "sft", "--lr", "1e30", "--set", "optim.clip=0", "--set", "optim.warmup_steps=0",
+                  "--set", "train.checkpoint_every=1",
+                  teacher=None, steps="6")
+    line = _one_line(capsys, rc, "non-finite loss", "--resume")
+    assert "step" in line
+    assert json.loads((run / "state" / "latest.json").read_text())["name"].startswith("sft-")
+
+
+BAD = {
+    "families_differ": (dict(teacher="builtin:tiny-gemma3-teacher"), ["family", "gemma3", "qwen2vl"]),
+    "layer_beyond_depth": (dict(extra=["--set", "student_target_layers=[1,2,3,9]"]), ["9", "outside"]),
+    "reverse_kl_with_cache": (dict(extra=["--cache-teacher", "{tmp}/cache", "--set", "loss.kl=reverse"]),
+                              ["reverse", "cache"]),
+    "unknown_key": (dict(extra=["--set", "matching.strategyy=random"]), ["unknown key", "matching.strategyy"]),
+    "bad_stage": (dict(extra=["--stages", "sft,verbalize"]), ["stages", "order"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_distill_input(case, tmp_path, capsys):
+    kw, needles = BAD[case]
+    extra = [e.format(tmp=tmp_path) for e in kw.pop("extra", [])]
+    rc = _distill(tmp_path / "run", *extra, **kw)
+    _one_line(capsys, rc, *needles)
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_empty_dataset_and_unwritable_out(tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    rc = main(["train", "--model", QS, "--data", str(empty), "--out", str(tmp_path / "r")])
+    _one_line(capsys, rc, "empty")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = main(["train", "--model", QS, "--data", DATA, "--out", str(blocker / "sub"), "--steps", "1"])
+    _one_line(capsys, rc, "cannot write", "sub")
+
+
+def test_tokenizers_that_differ_are_refused(tmp_path, capsys):
+    from vlsi_edge.models import load_model
+
+    m = load_model(QS)
+    m.save_pretrained(tmp_path / "s")
+    tok = json.loads((tmp_path / "s" / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "s" / "tokenizer.json").write_text(json.dumps(tok))
+    rc = _distill(tmp_path / "run", student=str(tmp_path / "s"))
+    _one_line(capsys, rc, "tokenizers differ", "first mismatch")
