@@ -201,3 +201,21 @@ def test_tokenizers_that_differ_are_refused(tmp_path, capsys):
     (tmp_path / "s" / "tokenizer.json").write_text(json.dumps(tok))
     rc = _distill(tmp_path / "run", student=str(tmp_path / "s"))
     _one_line(capsys, rc, "tokenizers differ", "first mismatch")
+
+
+def test_teacher_cache_with_full_vocabulary_matches_live_teacher(tmp_path, capsys, torch_threads):
+    steps = "verbalize=2,interact=3,sft=1"
+    live = tmp_path / "live"
+    assert _distill(live, steps=steps) == 0
+    cached = tmp_path / "cached"
+    cache = tmp_path / "cache"
+    assert _distill(cached, "--cache-teacher", str(cache), "--set", "cache.top_k=522", steps=steps) == 0
+    assert (cache / "manifest.json").is_file()
+    a, b = _weights(live), _weights(cached)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    capsys.readouterr()
+    again = tmp_path / "again"  # a second run reuses the cache and never loads the teacher
+    assert _distill(again, "--cache-teacher", str(cache), "--set", "cache.top_k=522", steps=steps) == 0
+    err = capsys.readouterr().err
+    assert "stays on disk" in err and "verbalize-teacher" not in err

@@ -42,15 +42,34 @@ def _require_host(verb: str) -> None:
 
 # --------------------------------------------------------------------------------------------------- verbs
 @flag_names(json_out="--json", list_presets="--list")
-def inspect(model: str | None = None, json_out: bool = False, list_presets: bool = False) -> int:
+def inspect(model: str | None = None, json_out: bool = False, list_presets: bool = False, verbalize: bool = False,
+            image: str | None = None, prompt: str | None = None, max_tokens: int = 4) -> int:
     """Show a model's family, layers, hidden size, vocabulary, target layers, image tokens and parameters.
 
     Args:
-        model: builtin:NAME, a checkpoint folder, or a hub id
+        model: builtin:NAME, a checkpoint folder, a hub id, or (with --verbalize) a run folder
         json_out: print one JSON document instead of a table
         list_presets: list the supported families and built-in presets
+        verbalize: print what each target layer's verbalizer says (teacher and student side by side)
+        image: the image for --verbalize
+        prompt: the question for --verbalize
+        max_tokens: tokens each layer writes with --verbalize
     """
     _require_host("inspect")
+    if verbalize:
+        if not model or not prompt:
+            raise UserError("--verbalize needs --model RUN and --prompt (and usually --image)")
+        from vlsi_edge.distill.verbalize_view import inspect_run
+
+        info = inspect_run(Path(model), image, prompt, max_tokens)
+        if json_out:
+            print(json.dumps(info))
+            return 0
+        for role, side in info.items():
+            print(f"{role} ({side['model']})")
+            for layer, text in side["layers"].items():
+                print(f"  layer {layer:>3}: {text!r}")
+        return 0
     from vlsi_edge.models import load_model, supported_model_types
     from vlsi_edge.models.presets import FAMILY_NAMES, PRESETS
 

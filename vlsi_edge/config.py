@@ -170,6 +170,9 @@ class DistillConfig:
                      "(drop --cache-teacher or use loss.kl: forward)")
         if self.cache.dir and self.kd.kl == "reverse" and self.method == "kd":
             p.append("kd.kl = reverse cannot use a top-k teacher cache")
+        if self.cache.dir and self.method == "kd" and self.kd.temperature != 1.0:
+            p.append(f"kd.temperature = {self.kd.temperature} cannot use a teacher cache built at temperature 1 "
+                     "(drop --cache-teacher or use kd.temperature: 1.0)")
         for name in ("student_target_layers", "teacher_target_layers"):
             layers = getattr(self, name)
             if layers is not None and (not layers or sorted(set(layers)) != list(layers) or min(layers) < 1):

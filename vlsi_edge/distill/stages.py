@@ -184,6 +184,7 @@ def _pair_loss(op: str, x_s, w_s, teacher, targets, vocab, chunk, direction):
 def _teacher_outputs(ctx: Context, batch: dict, s_index: torch.Tensor, item_ids, final_only: bool) -> dict:
     """Teacher distributions on the response tokens: live (Dense features) or from the top-k cache (TopK)."""
     if ctx.teacher_cache is not None:
+        batch.pop("teacher_batch", None)
         return ctx.teacher_cache.lookup(item_ids, ctx.t_layers, final_only)
     t_batch = batch.pop("teacher_batch")
     t_labels = t_batch.pop("labels")

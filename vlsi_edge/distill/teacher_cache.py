@@ -275,8 +275,8 @@ class TeacherCache:
                 self._index[item] = (s, offsets[j], offsets[j + 1])
             items, tokens = items + len(ids), tokens + offsets[-1]
         if (items, tokens) != (manifest["total_items"], manifest["total_tokens"]) or len(self._index) != items:
-            raise UserError(f"{where}: shards hold {items} samples / {tokens} tokens ({len(self._index)} distinct), the "
-                            f"manifest totals are {manifest['total_items']} / {manifest['total_tokens']}", hint)
+            raise UserError(f"{where}: shards hold {items} samples / {tokens} tokens ({len(self._index)} distinct), "
+                            f"the manifest totals are {manifest['total_items']} / {manifest['total_tokens']}", hint)
 
     def __len__(self) -> int:
         return len(self._index)

@@ -211,11 +211,21 @@ class Trainer:
         teacher = None
         needs_teacher = cfg.method == "kd" or (cfg.method == "vlsi" and cfg.teacher and (
             "interact" in cfg.stages or ("verbalize" in cfg.stages and not cfg.teacher_verbalizers)))
-        if needs_teacher and not (cfg.cache.dir and self._cache_ready()):
+        self.uses_cache = bool(cfg.cache.dir) and (cfg.method == "kd" or "interact" in cfg.stages)
+        cached = self._ready_cache() if self.uses_cache else None
+        if needs_teacher and cached is None:
             teacher = load_model(cfg.teacher, dtype="bfloat16" if on_cuda else "float32", device=str(self.device))
             teacher.model.requires_grad_(False)
         self.s_layers = _resolve_layers(student, cfg.student_target_layers, "student")
-        if teacher is not None:
+        if cached is not None:  # the teacher stays on disk: its layers and vocabulary come from the cache
+            self.t_layers, self.vocab = list(cached.layers), cached.vocab
+            if self.vocab > len(student.tokenizer) or self.vocab > student.vocab_size:
+                raise UserError(f"teacher cache {cfg.cache.dir} covers {self.vocab} tokens; the student's tokenizer "
+                                f"has {len(student.tokenizer)}", "build the cache for a teacher of this family")
+            if cfg.method == "vlsi" and len(self.t_layers) < len(self.s_layers):
+                raise ConfigError(f"the cached teacher has {len(self.t_layers)} target layers, fewer than the "
+                                  f"student's {len(self.s_layers)}")
+        elif teacher is not None:
             self.vocab = check_vocabulary(student, teacher)
             self.t_layers = _resolve_layers(teacher, cfg.teacher_target_layers, "teacher")
             if cfg.method == "vlsi" and len(self.t_layers) < len(self.s_layers):
@@ -231,7 +241,9 @@ class Trainer:
             self._add_lora(student)
         s_verb = Verbalizers(self.s_layers, student.hidden_size, cfg.verbalizer.residual).to(self.device)
         t_verb = None
-        self.have_teacher_verbalizers = False
+        self.have_teacher_verbalizers = cached is not None  # a ready cache embodies the teacher's verbalizers
+        if cached is not None:
+            self.log(f"teacher cache {cfg.cache.dir} is complete: the teacher stays on disk")
         if teacher is not None:
             t_hash = fingerprint(teacher.model)
             self.teacher_hash = t_hash
@@ -259,8 +271,40 @@ class Trainer:
                            s_layers=self.s_layers, t_layers=self.t_layers, reduce_sum=self.dist.reduce_sum,
                            teacher_cache=None, matching_log=self.matching_log)
 
-    def _cache_ready(self) -> bool:
-        return False
+    def _cache_identity(self, full: bool) -> dict:
+        cfg = self.cfg
+        ident = {"teacher": cfg.teacher, "data": cfg.data, "split": cfg.split, "n_samples": len(self.samples),
+                 "top_k": cfg.cache.top_k}
+        if full:
+            ident.update(teacher_hash=self.teacher_hash, t_layers=list(self.t_layers), vocab=self.vocab,
+                         teacher_verbalizers_hash=fingerprint(self.teacher_side.verb))
+        return ident
+
+    def _ready_cache(self):
+        """The teacher cache when it is complete for this run (no teacher needed), else None."""
+        from vlsi_edge.distill.teacher_cache import open_cache, ready
+
+        if not ready(self.cfg.cache.dir, self._cache_identity(full=False)):
+            return None
+        return open_cache(self.cfg.cache.dir, self._cache_identity(full=False), device=self.device)
+
+    def _open_or_build_cache(self) -> None:
+        """Before the teacher is needed by interact/kd: build the cache once (rank 0), then drop the teacher."""
+        from vlsi_edge.distill.teacher_cache import build_cache, open_cache
+
+        if self.ctx.teacher_cache is not None:
+            return
+        cached = self._ready_cache()
+        if cached is None:
+            identity = self._cache_identity(full=True)
+            if self.dist.main:
+                build_cache(Path(self.cfg.cache.dir), self.teacher_side, self.t_layers, self.samples, self.t_collate,
+                            self.vocab, self.cfg.cache.top_k, self.cfg.loss.chunk_size, self.cfg.cache.shard_items,
+                            self.cfg.train.batch_size, identity, self.log)
+            self.dist.barrier()
+            cached = open_cache(self.cfg.cache.dir, identity, device=self.device)
+        self.ctx.teacher_cache = cached
+        self.teacher_side = self.ctx.teacher = self.t_collate = None  # the interaction runs without the teacher
 
     def _add_lora(self, adapter) -> None:
         import re
@@ -291,6 +335,8 @@ class Trainer:
             if phase in done_phases:
                 continue
             start = resume_step if phase == resume_phase else 0
+            if self.uses_cache and phase in ("interact", "kd"):
+                self._open_or_build_cache()
             self._run_phase(phase, start, state if phase == resume_phase else None, done_phases)
             done_phases.append(phase)
             state = None
