@@ -219,3 +219,34 @@ def test_teacher_cache_with_full_vocabulary_matches_live_teacher(tmp_path, capsy
     assert _distill(again, "--cache-teacher", str(cache), "--set", "cache.top_k=522", steps=steps) == 0
     err = capsys.readouterr().err
     assert "stays on disk" in err and "verbalize-teacher" not in err
+
+
+def test_every_recipe_loads_into_the_config_classes():
+    from vlsi_edge.config import DistillConfig, recipe_path, recipes
+
+    names = recipes()
+    assert {"qwen2vl-72b-to-2b", "qwen2vl-72b-to-7b", "tiny-qwen2vl", "tiny-llava_onevision"} <= set(names)
+    for name in names:
+        cfg = DistillConfig.from_yaml(recipe_path(name))
+        assert cfg.method == "vlsi"
+    big = DistillConfig.from_yaml(recipe_path("qwen2vl-72b-to-2b"))
+    assert big.lora.enabled and big.lora.r == 64 and big.lora.alpha == 64
+    assert big.student_target_layers == list(range(2, 28, 4)) and big.teacher_target_layers == list(range(2, 80, 4))
+    assert big.train.batch_size * 8 * big.train.grad_accum == 512 and big.cache.dir and big.train.distributed == "fsdp2"
+
+
+def test_lora_run_merges_into_a_plain_checkpoint(tmp_path, torch_threads):
+    run = tmp_path / "lora"
+    assert _distill(run, "--lora", "--set", "lora.r=4", "--set", "lora.alpha=8", steps="verbalize=1,interact=2,sft=2") == 0
+    from transformers import AutoModelForImageTextToText
+
+    from vlsi_edge.models import load_model
+
+    hf = AutoModelForImageTextToText.from_pretrained(run / "student")
+    assert not any("lora" in n for n, _ in hf.named_parameters())
+    base = load_model(QS).model.state_dict()
+    merged = hf.state_dict()
+    changed = [k for k in base if "language_model.layers" in k and "proj" in k and not torch.equal(base[k], merged[k])]
+    assert changed, "LoRA updates were not merged into the saved student"
+    untouched = [k for k in base if "visual" in k]
+    assert all(torch.equal(base[k], merged[k]) for k in untouched)

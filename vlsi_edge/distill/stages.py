@@ -90,28 +90,32 @@ def response_tokens(batch: dict) -> int:
 
 
 def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: list[str] | None = None,
-               student_call=None) -> tuple[torch.Tensor, dict]:
-    """SUM over this micro-batch's response tokens of the phase's loss, and what to log."""
+               trained_call=None) -> tuple[torch.Tensor, dict]:
+    """SUM over this micro-batch's response tokens of the phase's loss, and what to log.
+
+    `trained_call` is the trained side as the trainer wraps it (DDP under torchrun): the teacher side in
+    `verbalize-teacher`, the student side otherwise.
+    """
     cfg, vocab, chunk = ctx.cfg, ctx.vocab, ctx.cfg.loss.chunk_size
-    student_call = student_call or ctx.student
+    trained_side = ctx.teacher if phase == "verbalize-teacher" else ctx.student
+    trained_call = trained_call or trained_side
+    student_call = trained_call
     labels = batch.pop("labels")
     index, targets = losses.response_positions(labels)
     sn = ctx.student.adapter.num_layers
-    w_s = ctx.student.adapter.lm_head.weight
+    head = ctx.student.adapter.lm_head  # read .weight only after the forward: FSDP2 gathers it there
 
     if phase == "verbalize-teacher" or phase == "verbalize-student":
-        side = ctx.teacher if phase == "verbalize-teacher" else ctx.student
-        call = side if phase == "verbalize-teacher" else student_call
-        layers = ctx.t_layers if side is ctx.teacher else ctx.s_layers
-        feats = call(batch, layers, index, backbone_grad=False)
-        w = side.adapter.lm_head.weight
+        layers = ctx.t_layers if phase == "verbalize-teacher" else ctx.s_layers
+        feats = trained_call(batch, layers, index, backbone_grad=False)
+        w = trained_side.adapter.lm_head.weight
         per_layer = {k: losses.chunked_ce(feats[k], w, targets, vocab, chunk) for k in layers}
         total = sum(per_layer.values())
         return total, {f"ce@{k}": v.detach() for k, v in per_layer.items()}
 
     if phase == "sft":
         feats = student_call(batch, [sn], index, backbone_grad=True)
-        return losses.chunked_ce(feats[sn], w_s, targets, vocab, chunk), {}
+        return losses.chunked_ce(feats[sn], head.weight, targets, vocab, chunk), {}
 
     teacher = _teacher_outputs(ctx, batch, index, item_ids, final_only=(phase == "kd"))
     if teacher["n"] != index.numel():
@@ -119,6 +123,7 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
                            f"tokenisations of the responses differ")
     if phase == "kd":
         feats = student_call(batch, [sn], index, backbone_grad=True)
+        w_s = head.weight
         t = cfg.kd.temperature
         loss = losses.chunked_kl(feats[sn], w_s, teacher["final"], vocab, chunk, direction=cfg.kd.kl,
                                  temperature=t) * (t * t)
@@ -131,6 +136,7 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
 
     # interact ------------------------------------------------------------------------------------------
     feats = student_call(batch, [*ctx.s_layers, sn], index, backbone_grad=True)
+    w_s = head.weight
     t_feats = teacher["layers"]
     t_s, t_l = len(ctx.s_layers), len(ctx.t_layers)
     mcfg = cfg.matching

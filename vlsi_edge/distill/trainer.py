@@ -142,8 +142,9 @@ class Trainer:
     def __init__(self, cfg: DistillConfig, out: Path, resume: bool = False, overwrite: bool = False, log=None):
         self.cfg, self.out, self.resume = cfg, Path(out), resume
         self.dist = Dist()
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if self.dist.main else None)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self._sharded = False
         self._prepare_out(overwrite)
 
     # run folder -----------------------------------------------------------------------------------------
@@ -371,8 +372,11 @@ class Trainer:
     def _run_phase(self, phase: str, start: int, state, done_phases: list[str]) -> None:
         cfg = self.cfg
         total = steps_for(cfg, phase)
-        model_params, verb_params = trainable_parameters(phase, self.ctx, self.lora)
+        trainable_parameters(phase, self.ctx, self.lora)  # sets requires_grad before DDP/FSDP2 see the modules
         call = self._wrap(phase)
+        side = self.teacher_side if phase == "verbalize-teacher" else self.student_side
+        model_params = [p for p in side.model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps them
+        verb_params = [p for p in side.verb.parameters() if p.requires_grad]
         groups = []
         decay = cfg.optim.weight_decay
         if model_params:
@@ -383,7 +387,13 @@ class Trainer:
         opt = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), foreach=False)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, total))
         if state is not None and state.optimizer is not None:
-            opt.load_state_dict(state.optimizer["optimizer"])
+            if self._sharded:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(side, opt, state.optimizer["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                opt.load_state_dict(state.optimizer["optimizer"])
             sched.load_state_dict(state.optimizer["scheduler"])
         params = model_params + verb_params
         self.log(f"phase {phase}: {total} steps, {sum(p.numel() for p in params):,} trainable parameters")
@@ -400,7 +410,7 @@ class Trainer:
                     skipped += 1
                 sync = m == len(micro) - 1
                 with (call.no_sync() if hasattr(call, "no_sync") and not sync else _nullcontext()), autocast:
-                    loss, logs = phase_loss(phase, self.ctx, batch, key, ids, student_call=call)
+                    loss, logs = phase_loss(phase, self.ctx, batch, key, ids, trained_call=call)
                 if not torch.isfinite(loss):
                     raise UserError(f"non-finite loss ({loss.item()}) in phase {phase} at step {step}; the last good "
                                     f"checkpoint in {self.out / 'state'} is kept",
@@ -430,22 +440,29 @@ class Trainer:
             if self.dist.main and (last or (step + 1) % cfg.train.log_every == 0 or step == start):
                 self._write_metrics(record)
             if last or (step + 1) % cfg.train.checkpoint_every == 0:
-                self._save_state(phase, step + 1, opt, sched, done_phases + ([phase] if last else []))
+                self._save_state(phase, step + 1, side, opt, sched, done_phases + ([phase] if last else []))
         progress.close()
         if phase.startswith("verbalize") or phase == "interact":
             self._save_verbalizers(phase)
 
     def _wrap(self, phase: str):
-        """The student side as this phase calls it: DDP-wrapped under torchrun when the student trains."""
-        if self.dist.world == 1 or phase == "verbalize-teacher":
-            return self.student_side
+        """The trained side as this phase calls it: wrapped by DDP (or sharded by FSDP2) under torchrun."""
+        side = self.teacher_side if phase == "verbalize-teacher" else self.student_side
+        if self.dist.world == 1:
+            return side
+        if phase.startswith("verbalize"):  # frozen backbone: only the verbalizers train, DDP syncs them
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            return DDP(side, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if self.cfg.train.distributed == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
-            if not getattr(self, "_sharded", False):
+            if not self._sharded:
                 for layer in self.student_side.adapter.decoder_layers:
                     fully_shard(layer)
-                fully_shard(self.student_side)
+                # the root (embeddings, vision tower, lm_head, verbalizers) stays gathered from forward to
+                # backward: the vocab-space losses read lm_head.weight outside any module's forward
+                fully_shard(self.student_side, reshard_after_forward=False)
                 self._sharded = True
             return self.student_side
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -454,26 +471,44 @@ class Trainer:
                    find_unused_parameters=False)
 
     # state ----------------------------------------------------------------------------------------------
-    def _student_tensors(self) -> dict[str, torch.Tensor]:
-        model = self.student_side.model
-        if self.lora:
-            return {f"student.{n}": p for n, p in model.named_parameters() if "lora_" in n}
-        return {f"student.{n}": t for n, t in model.state_dict().items()}
+    def _student_state(self) -> dict[str, torch.Tensor]:
+        """The student side's full state (model.* and verb.*); a collective under FSDP2 (every rank calls it)."""
+        if self._sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    def _save_state(self, phase: str, step: int, opt, sched, done: list[str]) -> None:
+            return get_model_state_dict(self.student_side,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.student_side.state_dict()
+
+    def _save_state(self, phase: str, step: int, side, opt, sched, done: list[str]) -> None:
+        finished = phase in done
+        full = self._student_state()
+        optim_state = None
+        if not finished:
+            if self._sharded and side is self.student_side:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+                optim_state = get_optimizer_state_dict(side, opt, options=StateDictOptions(full_state_dict=True,
+                                                                                           cpu_offload=True))
+            else:
+                optim_state = opt.state_dict()
         if not self.dist.main:
             self.dist.barrier()
             return
-        tensors = dict(self._student_tensors())
-        tensors.update({f"student_verb.{k}": v for k, v in self.student_side.verb.state_dict().items()})
+        tensors = {}
+        for k, v in full.items():
+            if k.startswith("model."):
+                if not self.lora or "lora_" in k:
+                    tensors["student." + k.removeprefix("model.")] = v
+            elif k.startswith("verb."):
+                tensors["student_verb." + k.removeprefix("verb.")] = v
         if self.teacher_side is not None and self.teacher_side.verb is not None:
             tensors.update({f"teacher_verb.{k}": v for k, v in self.teacher_side.verb.state_dict().items()})
         tensors["rng.torch"] = torch.get_rng_state()
-        finished = phase in done
         meta = {"phase": None if finished else phase, "step": 0 if finished else step, "done_phases": done,
                 "rng": _rng_state(), "metrics_lines": self._metrics_lines(),
                 "matching": self.matching_log.to_json() if self.matching_log is not None else None}
-        optimizer = None if finished else {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+        optimizer = None if finished else {"optimizer": optim_state, "scheduler": sched.state_dict()}
         ckpt.save_checkpoint(self.out / "state", f"{phase}-{step:07d}", tensors, optimizer, meta,
                              keep=self.cfg.train.keep_checkpoints)
         if self.matching_log is not None:
@@ -492,7 +527,7 @@ class Trainer:
                 for k, v in student.items():
                     named[k].copy_(v)
         else:
-            model.load_state_dict(student)
+            model.load_state_dict(student, strict=False)  # tied weights appear once in a gathered state
         self.student_side.verb.load_state_dict(
             {k.removeprefix("student_verb."): v for k, v in t.items() if k.startswith("student_verb.")})
         tv = {k.removeprefix("teacher_verb."): v for k, v in t.items() if k.startswith("teacher_verb.")}
@@ -504,14 +539,16 @@ class Trainer:
         _set_rng(state.meta["rng"], t.get("rng.torch"))
 
     def _save_verbalizers(self, phase: str) -> None:
-        if not self.dist.main:
-            return
         folder = self.out / "verbalizers"
         if phase == "verbalize-teacher":
-            self.teacher_side.verb.save(folder / "teacher.safetensors", self.teacher_hash, "teacher")
-        else:
-            self.student_side.verb.save(folder / "student.safetensors", fingerprint(self.student_side.model),
-                                        "student")
+            if self.dist.main:
+                self.teacher_side.verb.save(folder / "teacher.safetensors", self.teacher_hash, "teacher")
+            return
+        full = self._student_state()  # every rank: a collective under FSDP2
+        if self.dist.main:
+            model = {k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")}
+            verb = {k.removeprefix("verb."): v for k, v in full.items() if k.startswith("verb.")}
+            self.student_side.verb.save(folder / "student.safetensors", fingerprint(model), "student", state=verb)
 
     # metrics --------------------------------------------------------------------------------------------
     def _metrics_lines(self) -> int:
@@ -532,6 +569,13 @@ class Trainer:
     # the student ----------------------------------------------------------------------------------------
     def _finish(self, done: list[str]) -> Path:
         final = self.out / "student"
+        if self._sharded:  # gather the full weights back into a plain module (collective)
+            full = self._student_state()
+            if self.dist.main:
+                fresh = type(self.student_side.model)(self.student_side.model.config)
+                fresh.load_state_dict({k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.")},
+                                      strict=False)
+                self.student_side.adapter.model = fresh
         if self.dist.main:
             adapter = self.student_side.adapter
             if self.lora:

@@ -54,7 +54,8 @@ class Verbalizers(nn.Module):
         return final_norm(ffn(h.to(dtype)).to(h.dtype))
 
     # persistence ----------------------------------------------------------------------------------------
-    def save(self, path: str | Path, model_hash: str, role: str) -> None:
+    def save(self, path: str | Path, model_hash: str, role: str, state: dict | None = None) -> None:
+        """Write the verb-FFNs (or `state`, e.g. gathered from FSDP2 shards) with their identity as metadata."""
         from safetensors.torch import save_file
 
         from vlsi_edge.distill.checkpoint import atomic_path
@@ -62,7 +63,7 @@ class Verbalizers(nn.Module):
         meta = {"format": "vlsi-edge/verbalizers", "version": "1", "layers": json.dumps(self.layers),
                 "hidden_size": str(self.hidden_size), "residual": str(self.residual).lower(),
                 "model_hash": model_hash, "role": role}
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in (state or self.state_dict()).items()}
         with atomic_path(Path(path)) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 
@@ -96,13 +97,13 @@ class Verbalizers(nn.Module):
         return verb
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A content hash of a model's weights: names, shapes, dtypes and a strided sample of every tensor.
-
-    Cheap on a 72B checkpoint (a few thousand values per tensor), yet any retraining changes it.
+def fingerprint(model: nn.Module | dict) -> str:
+    """A content hash of a model's weights (a module or a state dict): names, shapes, dtypes and a strided sample
+    of every tensor. Cheap on a 72B checkpoint (a few thousand values per tensor), yet any retraining changes it.
     """
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    state = model if isinstance(model, dict) else model.state_dict()
+    for name, t in sorted(state.items()):
         flat = t.detach().reshape(-1)
         stride = max(1, flat.numel() // 4096)
         sample = flat[::stride].to("cpu", torch.float32).contiguous()

@@ -1,0 +1,63 @@
+"""torchrun on CPU (gloo): 2 processes with the same global batch equal 1 process, matching included."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
+
+DATA = "builtin:shapes:n_pretrain=0,n_train=40,n_val=0,n_test=0,seed=7"
+ARGS = ["distill", "--teacher", "builtin:tiny-qwen2vl-teacher", "--student", "builtin:tiny-qwen2vl-student",
+        "--data", DATA, "--steps", "verbalize=2,interact=3,sft=2", "--set", "train.checkpoint_every=2"]
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "vlsi_edge.cli"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "run"
+    _run([sys.executable, "-m", "vlsi_edge.cli", *ARGS, "--batch-size", "8", "--out", str(out)], out.parent)
+    return out
+
+
+def _compare(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
+    for name in ("teacher", "student"):
+        va = load_file(str(a / "verbalizers" / f"{name}.safetensors"))
+        vb = load_file(str(b / "verbalizers" / f"{name}.safetensors"))
+        for k in va:
+            torch.testing.assert_close(va[k], vb[k], rtol=1e-5, atol=1e-5, msg=f"{name} verbalizer {k}")
+    ma, mb = (json.loads((p / "matching.json").read_text()) for p in (a, b))
+    assert ma["total"] == mb["total"], "ranks sampled a different matching than one process"
+
+
+def test_ddp_two_processes_equal_one(single, tmp_path):
+    out = tmp_path / "ddp"
+    _run(_torchrun(2) + [*ARGS, "--batch-size", "4", "--out", str(out)], tmp_path)
+    _compare(single, out)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one(single, tmp_path):
+    out = tmp_path / "fsdp2"
+    _run(_torchrun(2) + [*ARGS, "--batch-size", "4", "--out", str(out), "--set", "train.distributed=fsdp2"],
+         tmp_path)
+    _compare(single, out)
