@@ -27,12 +27,13 @@ import time
 import torch
 
 VARIANTS = {"a": "sft", "b": "interact", "c": "interact-dense"}
-FULL = dict(hidden=896, layers=24, heads=14, kv_heads=2, mlp=4864, vocab=151_936, seq=1024, response=256, top_k=64,
-            s_layers=[2, 6, 10, 14, 18, 22], t_layers=12, vision_embed=64, vision_heads=2,
-            special=dict(image=151655, video=151656, start=151652, end=151653, eos=151645, pad=151643))
-QUICK = dict(hidden=64, layers=7, heads=4, kv_heads=2, mlp=128, vocab=2000, seq=128, response=32, top_k=16,
-             s_layers=[1, 2, 3, 4, 5, 6], t_layers=12, vision_embed=32, vision_heads=2,
-             special=dict(image=1995, video=1996, start=1997, end=1998, eos=1999, pad=1994))
+FULL = {"hidden": 896, "layers": 24, "heads": 14, "kv_heads": 2, "mlp": 4864, "vocab": 151_936, "seq": 1024,
+        "response": 256, "top_k": 64, "s_layers": [2, 6, 10, 14, 18, 22], "t_layers": 12, "vision_embed": 64,
+        "vision_heads": 2, "special": {"image": 151655, "video": 151656, "start": 151652, "end": 151653,
+                                       "eos": 151645, "pad": 151643}}
+QUICK = {"hidden": 64, "layers": 7, "heads": 4, "kv_heads": 2, "mlp": 128, "vocab": 2000, "seq": 128, "response": 32,
+         "top_k": 16, "s_layers": [1, 2, 3, 4, 5, 6], "t_layers": 12, "vision_embed": 32, "vision_heads": 2,
+         "special": {"image": 1995, "video": 1996, "start": 1997, "end": 1998, "eos": 1999, "pad": 1994}}
 IMAGE_TOKENS, PATCHES, PATCH_DIM = 16, 64, 3 * 2 * 14 * 14   # a 112-px image: 8x8 patches of 14 px, merged 2x2
 
 
@@ -44,16 +45,16 @@ def build_student(s: dict):
 
     half = s["hidden"] // s["heads"] // 2
     sp = s["special"]
-    config = Qwen2VLConfig(
-        text_config=dict(hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
-                         num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], vocab_size=s["vocab"],
-                         max_position_embeddings=32768, rope_theta=1_000_000.0,
-                         rope_scaling={"type": "mrope", "mrope_section": [half // 2, half // 4, half // 4]},
-                         bos_token_id=None, eos_token_id=sp["eos"], pad_token_id=sp["pad"], tie_word_embeddings=False),
-        vision_config=dict(depth=1, embed_dim=s["vision_embed"], hidden_size=s["hidden"], num_heads=s["vision_heads"],
-                           mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=sp["image"], video_token_id=sp["video"], vision_start_token_id=sp["start"],
-        vision_end_token_id=sp["end"], tie_word_embeddings=False)
+    text = {"hidden_size": s["hidden"], "intermediate_size": s["mlp"], "num_hidden_layers": s["layers"],
+            "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"], "vocab_size": s["vocab"],
+            "max_position_embeddings": 32768, "rope_theta": 1_000_000.0,
+            "rope_scaling": {"type": "mrope", "mrope_section": [half // 2, half // 4, half // 4]},  # sums to half
+            "bos_token_id": None, "eos_token_id": sp["eos"], "pad_token_id": sp["pad"], "tie_word_embeddings": False}
+    vision = {"depth": 1, "embed_dim": s["vision_embed"], "hidden_size": s["hidden"], "num_heads": s["vision_heads"],
+              "mlp_ratio": 2, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=sp["image"],
+                           video_token_id=sp["video"], vision_start_token_id=sp["start"],
+                           vision_end_token_id=sp["end"], tie_word_embeddings=False)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config).float()
     return Qwen2VLAdapter(model, None, "bench:random", s["s_layers"])
@@ -162,7 +163,11 @@ def peak_rss_mb() -> float:
 
 def measure(variant: str, s: dict, warmup: int, steps: int) -> dict:
     """Build the student, run warm-up + timed steps of one variant, return its numbers (runs in a child)."""
-    from vlsi_edge.distill.stages import phase_loss, response_tokens, trainable_parameters
+    from vlsi_edge.distill.stages import (
+        phase_loss,
+        response_tokens,
+        trainable_parameters,
+    )
 
     ctx = build_context(s)
     batch = make_batch(s)
@@ -234,7 +239,7 @@ def run_child(variant: str, args) -> dict:
            "--steps", str(args.dense_steps if variant == "c" and args.dense_steps else args.steps)]
     if args.quick:
         cmd.append("--quick")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         return {"variant": variant, "phase": VARIANTS[variant], "error": f"did not run (rc {proc.returncode}): "

@@ -55,8 +55,8 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
                 items.append({"id": sample.id, "category": sample.category, "cluster": sample.cluster,
                               "question": sample.question, "gold": sample.answer, "raw": raw, "parsed": parsed,
                               "correct": bool(correct)})
-            if len(items) == len(samples) or len(items) // batch_size % max(1, len(samples) // batch_size // 10) == 0:
-                log(f"eval {len(items)}/{len(samples)}", file=sys.stderr)
+            if 10 * len(items) // len(samples) > 10 * (len(items) - len(chunk)) // len(samples):
+                log(f"eval {len(items)}/{len(samples)}", file=sys.stderr)  # every tenth of the way
     seconds = time.perf_counter() - t0
     metrics = summarize(items)
     system = {"name": name or Path(str(model)).name.removeprefix("builtin:"), "model": adapter.source,

@@ -254,8 +254,6 @@ class Trainer:
                 self.have_teacher_verbalizers = True
             else:
                 t_verb = Verbalizers(self.t_layers, teacher.hidden_size, cfg.verbalizer.residual).to(self.device)
-            if on_cuda:
-                t_verb.to(torch.bfloat16)
         self.student_side = Side(student, s_verb)
         self.teacher_side = Side(teacher, t_verb) if teacher is not None else None
         self.phases = phases_for(cfg, self.have_teacher_verbalizers)
