@@ -1,4 +1,4 @@
-"""Benchmarks run end to end on a tiny model and end with one JSON line (no speed assertions)."""
+"""`slow` tier: benchmarks run end to end on a tiny model and end with one JSON line (no speed assertions)."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_distill_step_quick():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_step.py"), "--quick", "--steps", "1"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
@@ -21,3 +24,4 @@ def test_distill_step_quick():
     # the dense twin computes the same loss as the chunked interaction step (same matching, same weights)
     b, c = variants["b"]["loss"], variants["c"]["loss"]
     assert abs(b - c) <= 1e-4 * abs(b), (b, c)
+

@@ -164,7 +164,7 @@ class Trainer:
         self.dist.barrier()
         try:
             out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
+            probe = out / f".write-test.{os.getpid()}"  # one per rank: ranks probe at the same time
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:

@@ -6,12 +6,9 @@ Image tokens: the processor resizes to a multiple of patch 14 × merge 2 (28 px)
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
-
 from vlsi_edge.models import common
 from vlsi_edge.models.registry import register
+from vlsi_edge.models.vlm import VLM
 
 
 def _classes():
@@ -26,13 +23,12 @@ class Qwen2VLAdapter:
     family = "qwen2vl"
     model_types = ("qwen2_vl",)
     DEFAULT_IMAGE_SIZE = 448  # real checkpoints: a fixed grid for export; override with config.vlsi_edge.image_size
+    LANGUAGE_MODEL = "language_model"  # the attribute of the base model that owns the decoder layers
 
-    def __init__(self, model, processor, source: str, target_layers=None):
-        self.model, self.processor, self.source = model, processor, source
-        meta = common.vlsi_meta(model.config)
-        self.target_layers = list(target_layers or meta.get("target_layers")
-                                  or common.default_target_layers(self.num_layers))
-        self.image_size = int(meta.get("image_size", self.DEFAULT_IMAGE_SIZE))
+    @staticmethod
+    def classes(model_type: str | None = None) -> tuple[type, type]:
+        _, model, _, processor = _classes()
+        return model, processor
 
     # construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -70,68 +66,5 @@ class Qwen2VLAdapter:
             model = Model(config)
         model.generation_config.eos_token_id = config.text_config.eos_token_id
         model.generation_config.pad_token_id = config.text_config.pad_token_id
-        return cls(model.eval(), processor, f"builtin:{spec.name}", list(spec.target_layers))
+        return VLM(cls, model.eval(), processor, f"builtin:{spec.name}", list(spec.target_layers))
 
-    @classmethod
-    def from_pretrained(cls, path, dtype="float32", device="cpu"):
-        _, Model, _, Processor = _classes()
-        model = Model.from_pretrained(path, dtype=common.resolve_dtype(dtype)).to(device).eval()
-        processor = Processor.from_pretrained(path)
-        return cls(model, processor, str(path))
-
-    def to(self, dtype="float32", device="cpu"):
-        self.model.to(dtype=common.resolve_dtype(dtype), device=device)
-        return self
-
-    def save_pretrained(self, path: str | Path) -> None:
-        self.model.config.vlsi_edge = {**common.vlsi_meta(self.model.config),
-                                       "target_layers": list(self.target_layers), "image_size": self.image_size}
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
-
-    # the interface ------------------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        return self.processor.tokenizer
-
-    @property
-    def text_config(self):
-        return self.model.config.text_config
-
-    @property
-    def num_layers(self) -> int:
-        return self.text_config.num_hidden_layers
-
-    @property
-    def hidden_size(self) -> int:
-        return self.text_config.hidden_size
-
-    @property
-    def vocab_size(self) -> int:
-        return self.lm_head.weight.shape[0]
-
-    @property
-    def lm_head(self) -> torch.nn.Linear:
-        return self.model.lm_head
-
-    @property
-    def final_norm(self) -> torch.nn.Module:
-        return self.model.model.language_model.norm
-
-    @property
-    def decoder_layers(self) -> torch.nn.ModuleList:
-        return self.model.model.language_model.layers
-
-    @property
-    def embed_tokens(self) -> torch.nn.Embedding:
-        return self.model.model.language_model.embed_tokens
-
-    def hidden_states(self, batch: dict, layers: list[int]) -> dict[int, torch.Tensor]:
-        """{k: (B, T, D)} for the requested layers only; layer num_layers is post-norm."""
-        states, _ = common.hooked_hidden_states(
-            lambda: self.model.model(**batch, use_cache=False), self.decoder_layers, self.final_norm,
-            list(layers), self.num_layers)
-        return states
-
-    def image_token_count(self) -> int:
-        return common.count_image_tokens(self.processor, self.image_size, self.model.config.image_token_id)

@@ -4,11 +4,10 @@
     m = load_model("builtin:tiny-qwen2vl-student")          # a preset, a local HF checkpoint dir, or a hub id
     m.family, m.num_layers, m.target_layers, m.hidden_states(batch, [2, 4])
 
-The adapter interface (DESIGN.md), implemented once per family with no shared base class:
-  family, model_types, model, processor, tokenizer, source, target_layers
-  text_config, num_layers, hidden_size, vocab_size, lm_head, final_norm, decoder_layers, embed_tokens
-  hidden_states(batch, layers) -> {layer: (B, T, D)}, image_token_count(), from_pretrained(path, dtype, device),
-  tiny(spec, tokenizer) -> adapter (random init for a built-in preset)
+A family adapter is the family-specific part, one class per family with no shared base class: `family`,
+`model_types`, `DEFAULT_IMAGE_SIZE`, `LANGUAGE_MODEL` (the base-model attribute owning the decoder layers),
+`classes(model_type) -> (model class, processor class)` and `tiny(spec, tokenizer) -> VLM`. Everything a caller
+uses (layers, hidden states, lm_head, …) lives once in `vlm.VLM`, which composes the model with its adapter.
 """
 from __future__ import annotations
 
@@ -62,8 +61,9 @@ def adapter_for_model_type(model_type: str | None, where: str) -> type:
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
-    """A built-in preset (`builtin:NAME`), a local HF checkpoint folder, or a hub id (needs network)."""
+    """A built-in preset (`builtin:NAME`), a local HF checkpoint folder, or a hub id (needs network) as a `VLM`."""
     from vlsi_edge.models.common import quiet_transformers
+    from vlsi_edge.models.vlm import VLM
 
     quiet_transformers()
     spec = str(spec)
@@ -84,7 +84,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
             model_type = json.loads(cfg.read_text()).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelError(f"{cfg} is not valid JSON ({e})") from None
-        return adapter_for_model_type(model_type, str(path)).from_pretrained(path, dtype=dtype, device=device)
+        return VLM.from_pretrained(adapter_for_model_type(model_type, str(path)), path, dtype=dtype, device=device)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _load_hub(spec, dtype, device)
     raise ModelError(f"model {spec!r} not found: not a builtin preset, a folder, or a hub id",
@@ -94,10 +94,12 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
 def _load_hub(repo_id: str, dtype: str, device: str):
     from transformers import AutoConfig
 
+    from vlsi_edge.models.vlm import VLM
+
     try:
         config = AutoConfig.from_pretrained(repo_id)
     except Exception as e:  # network, auth, missing repo: one line for the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not fetch {repo_id!r} from the hub ({first[:160]})",
                          "check the id and your network, or pass a local checkpoint folder") from None
-    return adapter_for_model_type(config.model_type, repo_id).from_pretrained(repo_id, dtype=dtype, device=device)
+    return VLM.from_pretrained(adapter_for_model_type(config.model_type, repo_id), repo_id, dtype=dtype, device=device)
