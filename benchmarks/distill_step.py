@@ -42,6 +42,7 @@ def build_student(s: dict):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     from vlsi_edge.models.qwen2vl import Qwen2VLAdapter
+    from vlsi_edge.models.vlm import VLM
 
     half = s["hidden"] // s["heads"] // 2
     sp = s["special"]
@@ -57,7 +58,7 @@ def build_student(s: dict):
                            vision_end_token_id=sp["end"], tie_word_embeddings=False)
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(config).float()
-    return Qwen2VLAdapter(model, None, "bench:random", s["s_layers"])
+    return VLM(Qwen2VLAdapter, model, None, "bench:random", s["s_layers"])
 
 
 def make_batch(s: dict) -> dict:

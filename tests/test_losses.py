@@ -281,3 +281,140 @@ def test_gradcheck_fp64():
         assert torch.autograd.gradcheck(lambda x, w, d=direction: chunked_kl(x, w, teacher, 7, chunk=2, direction=d,
                                                                              temperature=0.8), (x, w))
     assert torch.autograd.gradcheck(lambda x, w: chunked_l2(x, w, teacher, 7, chunk=2), (x, w))
+
+
+# ------------------------------------------------------------------------------------------------ shortcuts
+def _chunked_lse(x, w, t=1.0, v=V, chunk=CHUNK):
+    """The student logsumexp per token, as pairwise_kl makes it (same chunks, same matmul shapes)."""
+    from vlsi_edge.distill.losses import _lse
+
+    return torch.cat([_lse(x[lo:lo + chunk] @ w[:v].T / t) for lo in range(0, x.shape[0], chunk)])
+
+
+@pytest.mark.parametrize("op,t,peaky", [("kl_fwd", 1.0, False), ("kl_fwd", 2.0, False), ("l2", 1.0, False),
+                                        ("kl_fwd", 1.0, True), ("kl_fwd", 2.0, True), ("l2", 1.0, True)])
+def test_student_lse_changes_neither_loss_nor_grads(case, op, t, peaky):
+    """peaky: the teacher's ids are the student's own top-5 and x is sharpened, so most rows hold > 1/2 of their mass
+    there and take the exact rest (a row-subset matmul, which may round differently); otherwise no row does and the
+    two paths are bit-identical."""
+    x0 = case["x"] * (4 if peaky else 1)
+    cache = topk_logprobs(case["xt"], case["wt"], V, 5, chunk=CHUNK, temperature=t)
+    if peaky:
+        own = topk_logprobs(x0, case["w"], V, 5, chunk=CHUNK, temperature=t)
+        cache = TopK(own.ids, cache.logprobs, t)
+    mass = _lq(x0, case["w"], t).exp().gather(1, cache.ids).sum(-1)
+    assert ((mass > 0.5).sum() > N // 2) if peaky else bool((mass <= 0.5).all())
+    lse = _chunked_lse(x0, case["w"], t)
+    torch.testing.assert_close(lse, (x0 @ case["w"][:V].T / t).logsumexp(-1))
+    loss = (lambda x, w, s: chunked_kl(x, w, cache, V, CHUNK, temperature=t, student_lse=s)) if op == "kl_fwd" else \
+        (lambda x, w, s: chunked_l2(x, w, cache, V, CHUNK, student_lse=s))
+    runs = []
+    for s in (None, lse):
+        x, w = x0.clone().requires_grad_(), case["w"].clone().requires_grad_()
+        out = loss(x, w, s)
+        out.backward()
+        runs.append((out.detach(), x.grad, w.grad))
+    for got, want in zip(runs[1], runs[0]):
+        if peaky:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * max(1.0, want.abs().max().item()))
+        else:
+            assert torch.equal(got, want)
+    naive = naive_topk(op, x0, case["w"], case["xt"], case["wt"], 5, t) if not peaky else None
+    if naive is not None:
+        torch.testing.assert_close(runs[1][0], naive.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_student_rest_fallback_matches_exact_masked_logsumexp(monkeypatch, dtype):
+    from vlsi_edge.distill import losses as L
+
+    g = torch.Generator().manual_seed(4)
+    v, k = 3000, 8
+    s = torch.randn(6, v, generator=g, dtype=dtype)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(6)])
+    # sum q_k per row: tiny and 0.3 (log1p branch); 0.7, 1 - 1e-4, 1 - 1e-6, 1 - 1e-12 (exact branch)
+    m = torch.tensor([0.001, 0.3, 0.7, 1 - 1e-4, 1 - 1e-6, 1 - 1e-12], dtype=torch.float64)
+    at = s.double().gather(1, ids).logsumexp(-1)
+    off = (m / (1 - m)).log() + s.double().scatter(1, ids, float("-inf")).logsumexp(-1) - at
+    s.scatter_add_(1, ids, off.to(dtype)[:, None].expand(6, k))
+    lse = s.logsumexp(-1)
+    lqk = s.gather(1, ids) - lse[:, None]
+    s64 = s.double()
+    want = (s64.scatter(1, ids, float("-inf")).logsumexp(-1) - s64.logsumexp(-1)).to(dtype)
+    mass = lqk.double().exp().sum(-1)
+    assert mass[0] < 0.01 and 0.2 < mass[1] < 0.4 and 0.6 < mass[2] < 0.8 and 1 - mass[5] < 1e-9
+    seen = []
+
+    def exact(rows):
+        seen.extend(rows.tolist())
+        return L._masked_lse(s[rows], ids[rows]) - lse[rows]
+
+    got = L._student_rest(lqk, v, exact)
+    assert seen == [2, 3, 4, 5]  # only the rows past EXACT_REST_ABOVE
+    torch.testing.assert_close(got, L._masked_lse(s, ids) - lse, rtol=0, atol=1e-6)  # same dtype
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-6)  # fp64 truth (fp32 ulp at |27.6| is 1.9e-6)
+    monkeypatch.setattr(L, "EXACT_REST_ABOVE", 1.0)  # without the fallback, 1 - sum q_k loses row 5's rest
+    if dtype == torch.float32:
+        assert not torch.allclose(L._student_rest(lqk, v, exact), want, rtol=0, atol=1e-6)
+    assert torch.equal(L._student_rest(lqk, k, exact), torch.full((6,), float("-inf"), dtype=dtype))  # k == vocab
+
+
+def test_pairwise_kl_returns_each_paired_layers_logsumexp(case):
+    g = torch.Generator().manual_seed(5)
+    students = [torch.randn(N, D, generator=g) for _ in range(3)]
+    teachers = [Dense(case["xt"], case["wt"]), topk_logprobs(case["xt"], case["wt"], V, 6, chunk=CHUNK)]
+    band = [(0, 1), (2, 0), (2, 1)]
+    out, lse = pairwise_kl(students, case["w"], teachers, V, pairs=band, chunk=CHUNK, return_lse=True)
+    assert torch.equal(out, pairwise_kl(students, case["w"], teachers, V, pairs=band, chunk=CHUNK))
+    assert sorted(lse) == [0, 2]
+    for i in lse:
+        torch.testing.assert_close(lse[i], (students[i] @ case["w"][:V].T).logsumexp(-1), rtol=0, atol=1e-6)
+        assert torch.equal(lse[i], _chunked_lse(students[i], case["w"]))  # what chunked_kl's forward makes
+    none = TopK(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4))
+    _, empty = pairwise_kl([torch.zeros(0, D)], case["w"], [none], V, chunk=CHUNK, return_lse=True)
+    assert empty[0].shape == (0,)
+
+
+def test_student_lse_forward_makes_no_tokens_by_vocab_tensor():
+    n, d, v, chunk = 512, 16, 1000, 64
+    g = torch.Generator().manual_seed(2)
+    x, w = torch.randn(n, d, generator=g, requires_grad=True), torch.randn(1024, d, generator=g)
+    cache = topk_logprobs(torch.randn(n, d, generator=g), torch.randn(1024, d, generator=g), v, 32, chunk=chunk)
+    lse = _chunked_lse(x.detach(), w, v=v, chunk=chunk)
+    probe = _Largest()
+    with probe:
+        loss = chunked_kl(x, w, cache, v, chunk, student_lse=lse)
+    assert probe.largest < chunk * v  # logits only at the ids; the (c, V) matmul is left to backward
+    assert _largest(lambda x, w: chunked_kl(x, w, cache, v, chunk, student_lse=lse), x, w) <= chunk * v
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_topk_grad_when_student_rest_underflows_against_teacher_rest():
+    """Rows whose student rest is ~e^-100 of the teacher's (r / q_r > 1e30) take the log-domain branch of the
+    gradient; fp64 autograd through an exact masked-logsumexp twin is the reference."""
+    g = torch.Generator().manual_seed(6)
+    n, v, k = 12, 50, 5
+    logits = torch.randn(n, v, generator=g, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    logits[::2].scatter_add_(1, ids[::2], torch.full((n // 2, k), 100.0, dtype=torch.float64))  # even rows: peaky
+    pk = torch.rand(n, k, generator=g, dtype=torch.float64) + 0.1
+    cache = TopK(ids, (0.9 * pk / pk.sum(-1, keepdim=True)).log().float())  # teacher rest 0.1 on every row
+    w0 = torch.eye(v, dtype=torch.float64)                                 # logits = x @ I
+
+    def exact(x, w):
+        lq = F.log_softmax(x @ w[:v].T, -1)
+        lpk = cache.logprobs.double()
+        rest = 1 - lpk.exp().sum(-1)
+        lqr = lq.scatter(1, ids, float("-inf")).logsumexp(-1)
+        return (lpk.exp() * (lpk - lq.gather(1, ids))).sum() + (rest * (rest.log() - lqr)).sum()
+
+    runs = []
+    for fn in (lambda x, w: chunked_kl(x, w, cache, v, chunk=5), exact):
+        x, w = logits.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss = fn(x, w)
+        loss.backward()
+        runs.append((loss.detach(), x.grad, w.grad))
+    assert torch.isfinite(runs[0][1]).all()
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9 * max(1.0, want.abs().max().item()))

@@ -99,7 +99,6 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
     cfg, vocab, chunk = ctx.cfg, ctx.vocab, ctx.cfg.loss.chunk_size
     trained_side = ctx.teacher if phase == "verbalize-teacher" else ctx.student
     trained_call = trained_call or trained_side
-    student_call = trained_call
     labels = batch.pop("labels")
     index, targets = losses.response_positions(labels)
     sn = ctx.student.adapter.num_layers
@@ -114,7 +113,7 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
         return total, {f"ce@{k}": v.detach() for k, v in per_layer.items()}
 
     if phase == "sft":
-        feats = student_call(batch, [sn], index, backbone_grad=True)
+        feats = trained_call(batch, [sn], index, backbone_grad=True)
         return losses.chunked_ce(feats[sn], head.weight, targets, vocab, chunk), {}
 
     teacher = _teacher_outputs(ctx, batch, index, item_ids, final_only=(phase == "kd"))
@@ -122,7 +121,7 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
         raise RuntimeError(f"teacher has {teacher['n']} response tokens, student {index.numel()}: the two "
                            f"tokenisations of the responses differ")
     if phase == "kd":
-        feats = student_call(batch, [sn], index, backbone_grad=True)
+        feats = trained_call(batch, [sn], index, backbone_grad=True)
         w_s = head.weight
         t = cfg.kd.temperature
         loss = losses.chunked_kl(feats[sn], w_s, teacher["final"], vocab, chunk, direction=cfg.kd.kl,
@@ -135,16 +134,17 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
         return loss, logs
 
     # interact ------------------------------------------------------------------------------------------
-    feats = student_call(batch, [*ctx.s_layers, sn], index, backbone_grad=True)
+    feats = trained_call(batch, [*ctx.s_layers, sn], index, backbone_grad=True)
     w_s = head.weight
     t_feats = teacher["layers"]
     t_s, t_l = len(ctx.s_layers), len(ctx.t_layers)
     mcfg = cfg.matching
     needs_kl = mcfg.strategy in ("multinomial", "bottom-k")
+    lse = {}  # student layer i -> its per-token logsumexp, made by the candidate pass; saves a chosen pair's matmul
     if needs_kl:
         pairs = candidate_pairs(t_s, t_l, mcfg)
-        sums = losses.pairwise_kl([feats[k].detach() for k in ctx.s_layers], w_s, t_feats, vocab, pairs=pairs,
-                                  chunk=chunk, direction=cfg.loss.kl)
+        sums, lse = losses.pairwise_kl([feats[k].detach() for k in ctx.s_layers], w_s, t_feats, vocab, pairs=pairs,
+                                       chunk=chunk, direction=cfg.loss.kl, return_lse=True)
         finite = torch.isfinite(sums)
         totals = ctx.reduce_sum(torch.cat([torch.where(finite, sums, torch.zeros_like(sums)).reshape(-1).double(),
                                            torch.tensor([float(index.numel())], dtype=torch.float64)]))
@@ -163,7 +163,8 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
     logs = {}
     for i, k in enumerate(ctx.s_layers):
         j = result.teacher_index[i]
-        term = _pair_loss(cfg.loss.intermediate, feats[k], w_s, t_feats[j], targets, vocab, chunk, cfg.loss.kl)
+        term = _pair_loss(cfg.loss.intermediate, feats[k], w_s, t_feats[j], targets, vocab, chunk, cfg.loss.kl,
+                          student_lse=lse.get(i))
         if term is None:
             term = feats[k].sum() * 0.0  # keeps every verbalizer in the graph (DDP needs a grad for each)
         loss = loss + term
@@ -175,15 +176,16 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
     return loss, logs
 
 
-def _pair_loss(op: str, x_s, w_s, teacher, targets, vocab, chunk, direction):
+def _pair_loss(op: str, x_s, w_s, teacher, targets, vocab, chunk, direction, student_lse=None):
+    """`student_lse`: logsumexp of x_s's logits when already known (a top-k teacher then skips the forward matmul)."""
     if op == "none":
         return None
     if op == "kld":
-        return losses.chunked_kl(x_s, w_s, teacher, vocab, chunk, direction=direction)
+        return losses.chunked_kl(x_s, w_s, teacher, vocab, chunk, direction=direction, student_lse=student_lse)
     if op == "ce":
         return losses.chunked_ce(x_s, w_s, targets, vocab, chunk)
     if op == "l2":
-        return losses.chunked_l2(x_s, w_s, teacher, vocab, chunk)
+        return losses.chunked_l2(x_s, w_s, teacher, vocab, chunk, student_lse=student_lse)
     raise ValueError(f"unknown loss op {op!r}")
 
 
