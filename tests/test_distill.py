@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,41 @@ def test_lora_run_merges_into_a_plain_checkpoint(tmp_path, torch_threads):
     assert changed, "LoRA updates were not merged into the saved student"
     untouched = [k for k in base if "visual" in k]
     assert all(torch.equal(base[k], merged[k]) for k in untouched)
+
+
+ABLATIONS = {
+    "random": ["matching.strategy=random"],
+    "uniform": ["matching.strategy=uniform"],
+    "bottom-1": ["matching.strategy=bottom-k", "matching.bottom_k=1"],
+    "no-search-range": ["matching.search_range=false"],
+    "no-order": ["matching.order_preservation=false"],
+    "fixed-temperature": ["matching.adaptive_temperature=false"],
+    "temperature-b": ["matching.temperature=b"],
+    "reverse-kl": ["loss.kl=reverse"],
+    "ce-kld": ["loss.intermediate=ce"],
+    "l2-kld": ["loss.intermediate=l2"],
+    "kld-none": ["loss.last=none"],
+    "paper-literal-verbalizer": ["verbalizer.residual=false"],
+    "grad-checkpointing": ["train.grad_checkpointing=true"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_every_method_switch_runs(name, tmp_path, torch_threads):
+    sets = [x for s in ABLATIONS[name] for x in ("--set", s)]
+    run = tmp_path / name
+    assert _distill(run, *sets, steps="verbalize=1,interact=3,sft=0") == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"interact"' in line]
+    assert recs and all(math.isfinite(r["loss"]) for r in recs)
+    for r in recs:
+        matched = r["matched"]
+        assert all(1 <= j <= 9 for j in matched)
+        if name == "no-order":
+            continue
+        assert matched == sorted(matched)
+        if name != "no-search-range":
+            assert len(set(matched)) == len(matched) and matched[-1] <= 9 and matched[0] <= 6
+    if name == "uniform":
+        assert all(r["matched"] == [2, 5, 7, 9] for r in recs)  # index round((i+1)*9/4) - 1 into layers 1..9
+    if name == "kld-none":
+        assert all("last" not in r for r in recs)
