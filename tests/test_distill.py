@@ -176,7 +176,7 @@ def test_bad_distill_input(case, tmp_path, capsys):
     extra = [e.format(tmp=tmp_path) for e in kw.pop("extra", [])]
     rc = _distill(tmp_path / "run", *extra, **kw)
     _one_line(capsys, rc, *needles)
-    assert not (tmp_path / "run" / "student").exists()
+    assert not (tmp_path / "run").exists(), "a refused run must leave nothing behind"
 
 
 def test_empty_dataset_and_unwritable_out(tmp_path, capsys):

@@ -162,6 +162,7 @@ class Trainer:
             if self.dist.main:
                 shutil.rmtree(out)
         self.dist.barrier()
+        self._created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
             probe = out / f".write-test.{os.getpid()}"  # one per rank: ranks probe at the same time
@@ -169,9 +170,6 @@ class Trainer:
             probe.unlink()
         except OSError as e:
             raise UserError(f"cannot write to output folder {out} ({e.strerror})", "choose a writable --out") from None
-        if self.dist.main:
-            with ckpt.atomic_path(cfg_path) as tmp:
-                self.cfg.to_yaml(tmp)
 
     def _check_same_config(self, cfg_path: Path) -> None:
         old = DistillConfig.from_yaml(cfg_path).to_dict()
@@ -319,7 +317,15 @@ class Trainer:
 
     # the loop -------------------------------------------------------------------------------------------
     def run(self) -> Path:
-        self.setup()
+        try:
+            self.setup()  # every input is checked here, before the run folder holds anything
+        except BaseException:
+            if not self.resume and self.dist.main and self._created:
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+        if not self.resume and self.dist.main:
+            with ckpt.atomic_path(self.out / "config.yaml") as tmp:
+                self.cfg.to_yaml(tmp)
         state = ckpt.load_latest(self.out / "state") if self.resume else None
         done_phases, resume_phase, resume_step = [], None, 0
         if state is not None:
