@@ -67,6 +67,8 @@ def add_function(sub: argparse._SubParsersAction, name: str, fn) -> argparse.Arg
             p.add_argument(pname, **kw)
             continue
         flag = names.get(pname, "--" + pname.replace("_", "-"))
+        if ann is not bool and "choices" not in kw:
+            kw.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
         if param.default is inspect.Parameter.empty:
             kw["required"] = True
         else:
