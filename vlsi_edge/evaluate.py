@@ -24,8 +24,9 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
     from vlsi_edge.data.collate import Collator
     from vlsi_edge.data.conversations import open_dataset
     from vlsi_edge.data.scoring import summarize
+    from vlsi_edge.fileio import write_json_atomic
     from vlsi_edge.models import load_model
-    from vlsi_edge.results import make_results, write_json_atomic
+    from vlsi_edge.results import make_results
 
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
         raise DataError("--batch-size, --max-new-tokens and --limit must be >= 1")

@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 from vlsi_edge.errors import UserError
@@ -53,23 +52,6 @@ def make_results(producer: str, system: dict, data: dict, items: list[dict], met
     }
     doc.update(extra)
     return doc
-
-
-def write_json_atomic(path: Path, doc: dict) -> None:
-    """Write to a temporary file beside `path`, fsync, rename: a reader never sees half a document."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_results(path: Path) -> dict:

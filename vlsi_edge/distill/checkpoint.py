@@ -10,7 +10,6 @@ safetensors; optimizer state through `torch.save` and back with `weights_only=Tr
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -21,43 +20,9 @@ from pathlib import Path
 import torch
 
 from vlsi_edge.errors import UserError
+from vlsi_edge.fileio import fsync_dir, fsync_file, write_json_atomic
 
 LATEST = "latest.json"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path):
-    """Yield a temporary path beside `path`; on success fsync it and rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
 
 
 @dataclass
@@ -82,7 +47,7 @@ def save_checkpoint(state_dir: Path, name: str, tensors: dict[str, torch.Tensor]
             torch.save(optimizer, tmp / "optimizer.pt")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():
-            _fsync_file(f)
+            fsync_file(f)
         fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)

@@ -36,8 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from vlsi_edge.distill import losses
-from vlsi_edge.distill.checkpoint import atomic_path, write_json_atomic
 from vlsi_edge.errors import UserError
+from vlsi_edge.fileio import atomic_path, write_json_atomic
 
 FORMAT = "vlsi-edge/teacher-cache"
 VERSION = "1"

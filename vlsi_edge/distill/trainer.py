@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlsi_edge import fileio
 from vlsi_edge.config import DistillConfig
 from vlsi_edge.distill import checkpoint as ckpt
 from vlsi_edge.distill.stages import Context, Side, phase_loss, response_tokens, trainable_parameters
@@ -324,7 +325,7 @@ class Trainer:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         if not self.resume and self.dist.main:
-            with ckpt.atomic_path(self.out / "config.yaml") as tmp:
+            with fileio.atomic_path(self.out / "config.yaml") as tmp:
                 self.cfg.to_yaml(tmp)
         state = ckpt.load_latest(self.out / "state") if self.resume else None
         done_phases, resume_phase, resume_step = [], None, 0
@@ -516,7 +517,7 @@ class Trainer:
         ckpt.save_checkpoint(self.out / "state", f"{phase}-{step:07d}", tensors, optimizer, meta,
                              keep=self.cfg.train.keep_checkpoints)
         if self.matching_log is not None:
-            ckpt.write_json_atomic(self.out / "matching.json", self.matching_log.to_json())
+            fileio.write_json_atomic(self.out / "matching.json", self.matching_log.to_json())
         self.dist.barrier()
 
     def _restore_models(self, state) -> None:
@@ -567,7 +568,7 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if self.dist.main and path.exists():
             lines = path.read_text().splitlines(keepends=True)[:keep]
-            with ckpt.atomic_path(path) as tmp:
+            with fileio.atomic_path(path) as tmp:
                 tmp.write_text("".join(lines))
 
     # the student ----------------------------------------------------------------------------------------
@@ -592,9 +593,9 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            ckpt.fsync_dir(self.out)
+            fileio.fsync_dir(self.out)
             if self.matching_log is not None:
-                ckpt.write_json_atomic(self.out / "matching.json", self.matching_log.to_json())
+                fileio.write_json_atomic(self.out / "matching.json", self.matching_log.to_json())
             self.log(f"done: {', '.join(done)}; student checkpoint at {final}")
         self.dist.barrier()
         return final

@@ -58,7 +58,7 @@ class Verbalizers(nn.Module):
         """Write the verb-FFNs (or `state`, e.g. gathered from FSDP2 shards) with their identity as metadata."""
         from safetensors.torch import save_file
 
-        from vlsi_edge.distill.checkpoint import atomic_path
+        from vlsi_edge.fileio import atomic_path
 
         meta = {"format": "vlsi-edge/verbalizers", "version": "1", "layers": json.dumps(self.layers),
                 "hidden_size": str(self.hidden_size), "residual": str(self.residual).lower(),
