@@ -10,6 +10,8 @@ autocast on CUDA, atomic checkpoints every N steps and at phase ends, exact resu
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -133,6 +135,7 @@ def _set_rng(state: dict, torch_state: torch.Tensor | None) -> None:
         torch.set_rng_state(torch_state)
 
 
+@functools.lru_cache(maxsize=4)
 def _permutation(seed: int, phase: str, epoch: int, n: int) -> list[int]:
     digest = hashlib.blake2b(f"{seed}/{phase}/{epoch}".encode(), digest_size=8).digest()
     g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
@@ -359,9 +362,7 @@ class Trainer:
             chosen = []
             for pos in range(base, base + b):
                 epoch, k = divmod(pos, n)
-                if k == 0 or not hasattr(self, "_perm") or self._perm[0] != (phase, epoch):
-                    self._perm = ((phase, epoch), _permutation(cfg.train.seed, phase, epoch, n))
-                chosen.append(self.samples[self._perm[1][k]])
+                chosen.append(self.samples[_permutation(cfg.train.seed, phase, epoch, n)[k]])
             out.append((chosen, step * accum + m))
         return out
 
@@ -403,7 +404,7 @@ class Trainer:
         params = model_params + verb_params
         self.log(f"phase {phase}: {total} steps, {sum(p.numel() for p in params):,} trainable parameters")
         progress = _Progress(phase, total, start, enabled=self.dist.main)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _nullcontext()
+        on_cuda = self.device.type == "cuda"
         for step in range(start, total):
             t0 = time.perf_counter()
             micro = [(self._collate(phase, s), key, [x.id for x in s]) for s, key in self._micro_batches(phase, step)]
@@ -414,7 +415,8 @@ class Trainer:
                 if response_tokens(batch) == 0:
                     skipped += 1
                 sync = m == len(micro) - 1
-                with (call.no_sync() if hasattr(call, "no_sync") and not sync else _nullcontext()), autocast:
+                with (call.no_sync() if hasattr(call, "no_sync") and not sync else contextlib.nullcontext()), \
+                        (torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()):
                     loss, logs = phase_loss(phase, self.ctx, batch, key, ids, trained_call=call)
                 if not torch.isfinite(loss):
                     raise UserError(f"non-finite loss ({loss.item()}) in phase {phase} at step {step}; the last good "
@@ -599,14 +601,6 @@ class Trainer:
             self.log(f"done: {', '.join(done)}; student checkpoint at {final}")
         self.dist.barrier()
         return final
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Progress:
