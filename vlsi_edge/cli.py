@@ -298,7 +298,47 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-VERBS = {"inspect": inspect, "train": train, "distill": distill, "eval": eval}
+def export(model: str, target: Literal["jetson", "phone", "onnx"], out: str, precision: str | None = None,
+           data: str = "builtin:shapes", overwrite: bool = False, parity: Literal["on", "off"] = "on",
+           build_engines: bool = False, max_seq_len: int = 512) -> int:
+    """Export a student (a checkpoint folder such as RUN/student, or builtin:NAME) as a verified bundle.
+
+    Args:
+        model: the model to export: RUN/student, a checkpoint folder, or builtin:NAME
+        target: onnx (ONNX Runtime on CPU/ARM), jetson (TensorRT-ready ONNX) or phone (ExecuTorch .pte)
+        out: bundle folder to create
+        precision: one name (fp32, int8, int4, fp16, 8da8w, 8da4w) or vision=…,embedding=…,decoder=…
+        data: dataset for parity probes and int8 calibration
+        overwrite: replace an existing --out
+        parity: on: gate the bundle against the PyTorch model (off only for random-weight benchmarks)
+        build_engines: jetson: build TensorRT engines here (needs TensorRT and a GPU; else writes the script)
+        max_seq_len: phone: the static KV cache length
+    """
+    _require_host("export")
+    from vlsi_edge.export.pipeline import export_model
+
+    path = export_model(model, target=target, out=out, precision=precision, data=data, overwrite=overwrite,
+                        parity=parity, build_engines=build_engines, max_seq_len=max_seq_len)
+    print(f"wrote bundle {path}")
+    return 0
+
+
+def verify(bundle: str) -> int:
+    """Check a bundle: format version, manifest schema, confined paths and the sha256 of every file.
+
+    Args:
+        bundle: the bundle folder (the --out of `vlsi-edge export`)
+    """
+    from vlsi_edge.runtimes.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    parts = ", ".join(f"{name} ({part['precision']})" for name, part in b.parts.items())
+    print(f"{bundle}: ok — {b.target} bundle of {b.model['family']}, {len(b.manifest['files'])} files verified; "
+          f"parts {parts}")
+    return 0
+
+
+VERBS = {"inspect": inspect, "train": train, "distill": distill, "eval": eval, "export": export, "verify": verify}
 GROUPS = {"data": {"synth": data_synth}}
 
 

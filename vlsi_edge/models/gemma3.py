@@ -81,8 +81,13 @@ class Gemma3Adapter:
                                          do_pan_and_scan=False)
         processor = Processor(image_processor=image_processor, tokenizer=tokenizer,
                               chat_template=tokenizer.chat_template, image_seq_length=mm_tokens)
+        import torch
+
         with common.seeded(spec.seed):
             model = Model(config)
+            # HF starts the image projection at zero, which makes a fresh preset blind to its images
+            proj = model.model.multi_modal_projector.mm_input_projection_weight
+            torch.nn.init.normal_(proj, std=config.text_config.initializer_range)
         model.generation_config.bos_token_id = config.text_config.bos_token_id
         model.generation_config.eos_token_id = config.text_config.eos_token_id
         model.generation_config.pad_token_id = config.text_config.pad_token_id

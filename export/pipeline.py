@@ -1,0 +1,227 @@
+"""`vlsi-edge export`: a student checkpoint → a verified, parity-gated bundle.
+
+    export_model("runs/tiny/student", target="onnx", precision="decoder=int8", out="bundles/tiny-onnx")
+
+Order of work: every argument is checked before the model loads; the bundle is built in a temporary folder beside
+`out`; the manifest lists the sha256 of every file; the parity gate runs on the finished bundle through the same
+runtime a device uses; then the folder is renamed to `out`, or to `<out>.rejected/` (with parity.json) when the gate
+fails — nothing that failed ever sits at `out`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from vlsi_edge.export import precision as PREC
+
+from vlsi_edge.errors import UserError
+
+PARITY_MODES = ("on", "off")
+CALIBRATION_ITEMS = 32
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("vlsi-edge", "torch", "transformers", "onnx", "onnxruntime", "onnxslim", "executorch", "torchao"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"output {out} already exists", "pass --overwrite to replace it, or choose another --out")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write into {parent}", "expected a writable folder for --out")
+
+
+def _probes(vlm, data: str, n: int, splits=("val", "test")):
+    """n samples from `data` (val split, falling back to test) with distinct images, plus their device pixels."""
+    from vlsi_edge.runtimes.preprocess import load_image
+
+    from vlsi_edge.data.conversations import open_dataset
+
+    out, seen = [], set()
+    for split in splits:
+        try:
+            dataset = open_dataset(data, split=split)
+        except UserError:
+            continue
+        for sample in dataset:
+            if sample.image is None or str(sample.image) in seen:
+                continue
+            seen.add(str(sample.image))
+            out.append((sample, load_image(sample.image, vlm.image_size)))
+            if len(out) == n:
+                return out
+    if len(out) < 2:
+        raise UserError(f"--data {data} gave {len(out)} usable probe images", "expected at least 2 items with images")
+    return out
+
+
+def _write_side_files(vlm, tmp: Path) -> None:
+    """tokenizer.json, preprocess.json, generation.json: what a device needs besides the parts."""
+    from vlsi_edge.export import parts as PARTS
+
+    vlm.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
+    preprocess = {"image_size": vlm.image_size, "resize": "bicubic", "layout": "NCHW", "dtype": "uint8",
+                  "channels": "RGB", "normalisation": "inside vision_encoder"}
+    generation = {"template": PARTS.prompt_template(vlm), "eos_token_ids": PARTS.eos_token_ids(vlm),
+                  "max_new_tokens": 32, "image_token_id": PARTS.image_token_id(vlm)}
+    for name, obj in (("preprocess.json", preprocess), ("generation.json", generation)):
+        (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _onnx_shapes(facts: dict, seq: int, past: int) -> dict:
+    """Input shapes of text_decoder for lint and TensorRT profiles."""
+    L, kvh, hd = facts["num_layers"], facts["num_kv_heads"], facts["head_dim"]
+    mrope = facts["position_scheme"]["kind"] == "mrope"
+    shapes = {"inputs_embeds": (1, seq, facts["hidden_size"]), "attention_mask": (1, past + seq),
+              "position_ids": (3, 1, seq) if mrope else (1, seq)}
+    for i in range(L):
+        for kv in ("key", "value"):
+            shapes[f"past_key_values.{i}.{kv}"] = (1, kvh, past, hd)
+    return shapes
+
+
+def _write_onnx(vlm, parts, tmp: Path, target: str, precisions: dict, calibration, build_engines: bool) -> dict:
+    from vlsi_edge.export import onnx_export as OX
+
+    facts_parts = {}
+    for name, part in parts.items():
+        path = tmp / f"{name}.onnx"
+        OX.export_part(part, path)
+        prec = precisions[name]
+        if prec == "int8" and target == "onnx":
+            OX.quantize_int8_dynamic(path)
+        elif prec == "int4":
+            OX.quantize_int4(path)
+        elif prec == "fp16":
+            OX.convert_fp16(path)
+        elif prec == "int8" and target == "jetson":
+            OX.quantize_int8_qdq(path, _calibration(vlm, parts, calibration))
+        files = [f for f in (path.name, path.name + ".data") if (tmp / f).exists()]
+        facts_parts[name] = {"file": path.name, "files": files, "precision": prec,
+                             "inputs": part.input_names, "outputs": part.output_names}
+    manifest = {"parts": facts_parts}
+    if target == "jetson":
+        from vlsi_edge.export import tensorrt_build as TRT
+
+        manifest.update(TRT.jetson_extras(vlm, tmp, precisions, build_engines))
+    else:
+        manifest["runtime"] = {"ort": {"providers": ["CPUExecutionProvider"]}}
+    return manifest
+
+
+def _calibration(vlm, parts, probes) -> list[dict]:
+    """Decoder prefill feeds for Q/DQ calibration, made with the PyTorch parts on the probe items."""
+    import numpy as np
+    import torch
+    from vlsi_edge.export import parts as PARTS
+    from vlsi_edge.runtimes import positions as P
+
+    facts = PARTS.model_facts(vlm, parts["vision_encoder"].meta["n_image_tokens"])
+    template = PARTS.prompt_template(vlm)
+    feeds = []
+    for sample, pixels in probes:
+        head, tail = template.split("{prompt}")
+        ids = np.asarray(vlm.tokenizer(head + sample.turns[0].text + tail, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            emb = parts["token_embedding"].module(torch.from_numpy(ids)[None]).numpy().copy()
+            img = parts["vision_encoder"].module(torch.from_numpy(pixels[None])).numpy()
+        emb[0, ids == facts["image_token_id"]] = img[0]
+        pos, _ = P.prompt_positions(ids, facts["position_scheme"])
+        feed = {"inputs_embeds": emb, "attention_mask": np.ones((1, len(ids)), np.int64), "position_ids": pos}
+        for name, shape in _onnx_shapes(facts, len(ids), 0).items():
+            if name.startswith("past_key_values"):
+                feed[name] = np.zeros(shape, np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def _gate(vlm, parts, tmp: Path, target: str, precisions: dict, probes) -> list[str]:
+    from vlsi_edge.export import parity as PAR
+    from vlsi_edge.runtimes.base import open_runtime
+
+    backend = "executorch" if target == "phone" else "ort"
+    runtime = open_runtime(backend, bundle=tmp)
+    report = PAR.check(vlm, parts, runtime, probes)
+    failures = PAR.verdict(report, precisions)
+    report.update({"backend": backend, "precisions": precisions, "passed": not failures, "failures": failures,
+                   "gates": {part: PAR.GATES[name] for part, name in precisions.items()}})
+    (tmp / "parity.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return failures
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"output {out} appeared while exporting", "pass --overwrite or choose another --out")
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, trash)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
+    else:
+        os.replace(tmp, out)
+
+
+def export_model(model: str, target: str, out, precision: str | None = None, data: str = "builtin:shapes",
+                 overwrite: bool = False, parity: str = "on", probes: int = 6, build_engines: bool = False,
+                 max_seq_len: int = 512) -> Path:
+    precisions = PREC.parse(precision, target)
+    if parity not in PARITY_MODES:
+        raise UserError(f"--parity {parity!r} is not known", "expected on or off")
+    out = Path(out)
+    _check_out(out, overwrite)
+
+    from vlsi_edge.export import parts as PARTS
+
+    from vlsi_edge.models import load_model
+
+    vlm = load_model(model)
+    parts = PARTS.split_model(vlm)
+    facts = PARTS.model_facts(vlm, parts["vision_encoder"].meta["n_image_tokens"])
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        manifest = {"target": target, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "source": {"model": str(model), "family": vlm.family}, "model": facts, "tools": _versions(),
+                    "parity": {"mode": parity}}
+        probe_items = _probes(vlm, data, probes)
+        if target == "phone":
+            from vlsi_edge.export import executorch_export as ET
+
+            manifest.update(ET.write_program(vlm, tmp, precisions, max_seq_len))
+        else:
+            calibration = _probes(vlm, data, CALIBRATION_ITEMS, ("train", "val")) if "int8" in precisions.values() \
+                and target == "jetson" else []
+            manifest.update(_write_onnx(vlm, parts, tmp, target, precisions, calibration, build_engines))
+        _write_side_files(vlm, tmp)
+        from vlsi_edge.runtimes.bundle import write_manifest
+
+        write_manifest(tmp, manifest)
+        failures = []
+        if parity == "on":
+            failures = _gate(vlm, parts, tmp, target, precisions, probe_items)
+            write_manifest(tmp, manifest)
+        if failures:
+            rejected = out.parent / f"{out.name}.rejected"
+            _publish(tmp, rejected, True)
+            more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
+            raise UserError(f"parity gate failed: {failures[0]}{more}",
+                            f"the bundle went to {rejected} with its parity.json")
+        _publish(tmp, out, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
