@@ -130,6 +130,23 @@ def test_solver_is_perfect(difficulty):
     assert not wrong
 
 
+def test_pretrain_mixes_in_larger_scenes_that_stay_correct():
+    """Every other pretrain item of a grid category is an easy scene (2x2 or 3x3 grid, at most one distractor): objects are larger, the
+    answer still follows from the pixels, and no other split has easy items."""
+    def object_area(png):
+        return np.mean([c.area for c in components(png)])
+
+    items = list(shapes.generate_split("pretrain", 120, 7, 1, 112))
+    easy = [(r, png) for r, png in items if r["difficulty"] == 0]
+    assert [r["id"] for r, _ in easy] == [r["id"] for r, _ in items[::2] if r["category"] != "pattern"]
+    assert all(solve(png, r["conversations"][0]["value"]) == r["conversations"][1]["value"] for r, png in items)
+    grid = [(r, png) for r, png in items if r["category"] != "pattern"]
+    sizes = {d: np.median([object_area(np.asarray(Image.open(io.BytesIO(png)))) for r, png in grid
+                           if (r["difficulty"] == 0) == d]) for d in (True, False)}
+    assert sizes[True] > 2 * sizes[False]
+    assert all(r["difficulty"] == 1 for r, _ in shapes.generate_split("train", 40, 7, 1, 112))
+
+
 def test_solver_other_image_size_and_unknown_question():
     items = list(shapes.generate_split("test", 60, 2, 3, 224))
     assert all(solve(png, r["conversations"][0]["value"]) == r["conversations"][1]["value"] for r, png in items)

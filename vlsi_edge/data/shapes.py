@@ -19,6 +19,12 @@ dealt per category instead. Every image is unique within its split (pixel hash) 
 makes a repeat across splits astronomically unlikely; each split draws from its own `SeedSequence` child, so
 changing `n_train` never changes a test item. `difficulty` 1..5 adds objects, distractors and clutter (grey specks
 and thin lines in colours outside the palette, drawn under the objects) and tightens comparisons.
+
+The `pretrain` split is a curriculum. Its grid items carry up to three follow-up turns (`extra_questions`: more
+questions in the test templates about the same scene), and every other item of a grid category is an easy scene (a 2x2 or 3x3 grid, at
+most one distractor, so objects are two to four times larger; `difficulty` 0 in its record). A randomly initialised
+vision tower gets off the answer-prior plateau on large objects far sooner than on the test split's small ones; easy
+colour and shape items show a single object filling most of the image.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from vlsi_edge.errors import DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CATEGORIES = ("colour", "shape", "count", "spatial", "comparison", "pattern")
 SPLITS = ("pretrain", "train", "val", "test")
 COLOURS = {
@@ -73,7 +79,7 @@ _SUFFIX = {"word": "Answer with one word.", "number": "Answer with a number.",
            "relation": "Answer left, right, above or below.", "yesno": "Answer yes or no."}
 _GRID = {1: 4, 2: 4, 3: 5, 4: 5, 5: 5}
 _DISTRACTORS = {1: (1, 2), 2: (2, 4), 3: (3, 6), 4: (5, 8), 5: (6, 10)}
-_COMPARE_GAP = {1: 2, 2: 2, 3: 1, 4: 1, 5: 1}
+_COMPARE_GAP = {0: 2, 1: 2, 2: 2, 3: 1, 4: 1, 5: 1}
 _MAX_COMPARE = 5
 _PATTERN = {1: (5, (2,)), 2: (6, (2,)), 3: (7, (2, 3)), 4: (7, (3,)), 5: (7, (3,))}
 _PATTERN_DISTRACTORS = {1: (0, 0), 2: (0, 0), 3: (0, 0), 4: (1, 2), 5: (2, 4)}
@@ -171,8 +177,7 @@ def _clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, difficulty: in
         draw.line((x0, y0, x1, y1), fill=CLUTTER_LINES[int(rng.integers(len(CLUTTER_LINES)))], width=1)
 
 
-def _grid_boxes(rng: np.random.Generator, cells: list[int], difficulty: int, size: int) -> list[tuple[int, int, int]]:
-    g = _GRID[difficulty]
+def _grid_boxes(rng: np.random.Generator, cells: list[int], g: int, size: int) -> list[tuple[int, int, int]]:
     cw = size // g
     lo, hi = max(10, round(cw * 0.5)), cw - 4
     boxes = []
@@ -187,7 +192,7 @@ def _grid_boxes(rng: np.random.Generator, cells: list[int], difficulty: int, siz
 
 
 def _distractors(rng, difficulty, colours=COLOUR_NAMES, shapes=SHAPES, avoid=()) -> list[tuple[str, str]]:
-    lo, hi = _DISTRACTORS[difficulty]
+    lo, hi = _DISTRACTORS[difficulty] if difficulty else (0, 1)
     out = []
     for _ in range(int(rng.integers(lo, hi + 1))):
         while True:
@@ -240,9 +245,11 @@ def _spatial_cells(rng, relation: str, g: int, n: int) -> list[int]:
     return cells + [rest[int(k)] for k in rng.choice(len(rest), n - 2, replace=False)]
 
 
-def _render_grid(rng, category, key, answer, difficulty, size):
-    objects, key = _grid_scene(rng, category, key, answer, difficulty)
-    g = _GRID[difficulty]
+def _render_grid(rng, category, key, answer, difficulty, size, easy=False):
+    objects, key = _grid_scene(rng, category, key, answer, 0 if easy else difficulty)
+    if easy and category in ("colour", "shape"):
+        objects = objects[:1]       # one large object: the first thing a fresh vision tower can learn to read
+    g = (1 if len(objects) == 1 else 2 if len(objects) <= 4 else 3) if easy else _GRID[difficulty]
     if category == "spatial":
         cells = _spatial_cells(rng, answer, g, len(objects))
     else:
@@ -250,9 +257,31 @@ def _render_grid(rng, category, key, answer, difficulty, size):
     img = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     _clutter(draw, rng, difficulty, size)
-    for (colour, shape), (x, y, s) in zip(objects, _grid_boxes(rng, cells, difficulty, size)):
+    for (colour, shape), (x, y, s) in zip(objects, _grid_boxes(rng, cells, g, size)):
         draw_shape(draw, shape, x, y, s, COLOURS[colour])
-    return img, key
+    return img, key, [(colour, shape, *divmod(cell, g)) for (colour, shape), cell in zip(objects, cells)]
+
+
+def extra_questions(rng: np.random.Generator, scene: list[tuple[str, str, int, int]], asked: str,
+                    limit: int = 3) -> list[tuple[str, str]]:
+    """Up to `limit` more (question, answer) pairs about a grid scene [(colour, shape, row, col)], in the test
+    categories' templates and answerable without ambiguity; `asked` is left out. Pretraining asks them as follow-up
+    turns, so each image forward carries several image-dependent answers."""
+    shapes = Counter(s for _, s, _, _ in scene)
+    colours = Counter(c for c, _, _, _ in scene)
+    pairs = Counter((c, s) for c, s, _, _ in scene)
+    out = [(question_text("colour", s), c) for c, s, _, _ in scene if shapes[s] == 1]
+    out += [(question_text("shape", c), s) for c, s, _, _ in scene if colours[c] == 1]
+    out += [(question_text("count", s), str(n)) for s, n in shapes.items() if n <= len(COUNTS)]
+    out += [(question_text("comparison", (a, b)), "yes" if shapes[a] > shapes[b] else "no")
+            for a in shapes for b in shapes if a != b and shapes[a] != shapes[b]]
+    for c1, s1, r1, k1 in scene:
+        for c2, s2, r2, k2 in scene:
+            if pairs[(c1, s1)] == pairs[(c2, s2)] == 1 and (c1, s1) != (c2, s2) and (r1 == r2) != (k1 == k2):
+                relation = ("left" if k1 < k2 else "right") if r1 == r2 else ("above" if r1 < r2 else "below")
+                out.append((question_text("spatial", ((c1, s1), (c2, s2))), relation))
+    out = [qa for qa in out if qa[0] != asked]
+    return [out[int(k)] for k in rng.permutation(len(out))[:limit]]
 
 
 def _pattern_row(rng, attr: str, answer: str, difficulty: int) -> tuple[list[str], int]:
@@ -316,15 +345,18 @@ def _render_pattern(rng, attr: str, answer: str, difficulty: int, size: int):
     return img
 
 
-def make_item(rng: np.random.Generator, category: str, key, answer: str, difficulty: int, size: int):
-    """Draw one item: returns (PIL image, question text, choices)."""
+def make_item(rng: np.random.Generator, category: str, key, answer: str, difficulty: int, size: int,
+              easy: bool = False):
+    """Draw one item: returns (PIL image, question text, choices, scene). `scene` lists a grid category's objects
+    as (colour, shape, row, col) and is None for pattern rows. `easy` (pretrain only) draws a grid category on a
+    2×2 or 3×3 grid with at most one distractor, so objects are two to four times larger."""
     if category == "pattern":
-        img = _render_pattern(rng, key, answer, difficulty, size)
+        img, scene = _render_pattern(rng, key, answer, difficulty, size), None
         choices = COLOUR_NAMES if key == "colour" else SHAPES
     else:
-        img, key = _render_grid(rng, category, key, answer, difficulty, size)
+        img, key, scene = _render_grid(rng, category, key, answer, difficulty, size, easy)
         choices = ANSWERS[category]
-    return img, question_text(category, key), list(choices)
+    return img, question_text(category, key), list(choices), scene
 
 
 def validate_params(**params) -> dict:
@@ -359,8 +391,9 @@ def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: i
     for i in range(n):
         category = categories.draw()
         key, answer = decks[category].draw()
+        easy = split == "pretrain" and i % 2 == 0 and category != "pattern"
         while True:
-            img, question, choices = make_item(rng, category, key, answer, difficulty, image_size)
+            img, question, choices, scene = make_item(rng, category, key, answer, difficulty, image_size, easy)
             digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
             if digest not in seen:
                 seen.add(digest)
@@ -374,9 +407,12 @@ def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: i
             "image_id": item_id,
             "category": category,
             "choices": choices,
-            "difficulty": difficulty,
+            "difficulty": 0 if easy else difficulty,
             "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
         }
+        if split == "pretrain" and scene is not None:
+            for q, a in extra_questions(rng, scene, question):
+                record["conversations"] += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         yield record, buf.getvalue()
 
 
