@@ -81,7 +81,17 @@ def convert_fp16(path: Path) -> list[str]:
 
     model = onnx.load(str(path))
     fp16 = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-    return save_onnx(fp16, path)
+    return save_onnx(toposort(fp16), path)
+
+
+def toposort(model):
+    """Nodes in topological order (the fp16 converter appends its input casts at the end, which TensorRT's
+    parser and `polygraphy check lint` reject)."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.toposort()
+    return gs.export_onnx(graph)
 
 
 class _Feeds:
@@ -141,6 +151,6 @@ def lint(path: Path, shapes: dict[str, tuple[int, ...]]) -> str | None:
 
     exe = shutil.which("polygraphy") or str(Path(sys.executable).with_name("polygraphy"))
     spec = [f"{name}:[{','.join(map(str, s))}]" for name, s in shapes.items()]
-    proc = subprocess.run([exe, "check", "lint", str(path), "--input-shapes", *spec], check=False,
-                          capture_output=True, text=True)
+    cmd = [exe, "check", "lint", str(path)] + (["--input-shapes", *spec] if spec else [])
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
     return None if proc.returncode == 0 else (proc.stdout + proc.stderr)[-2000:]

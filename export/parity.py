@@ -134,7 +134,7 @@ def check(vlm, parts, runtime, probes, max_new_tokens: int = 8) -> dict:
         pos, _ = P.prompt_positions(full, runtime.bundle.model["position_scheme"])
         decoder = runtime.decoder()
         decoder.reset()
-        got_logits = decoder(embeds, pos)
+        got_logits = decoder(embeds, pos, full == image_id)
         text = full != image_id
         forced = _merge(forced, compare_logits(hf_logits[text], got_logits[text]))
 

@@ -17,6 +17,7 @@ import torch
 from vlsi_edge.models.chat import CHAT_FORMATS
 
 MROPE_FAMILIES = ("qwen2vl", "qwen2_5vl")
+BIDIRECTIONAL_IMAGE_FAMILIES = ("gemma3",)
 MAX_SEQ = 4096
 
 
@@ -58,17 +59,36 @@ class CachedTextDecoder(torch.nn.Module):
         self.config = vlm.text_config
         self.num_layers = vlm.num_layers
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+    def _cache(self, past):
         from transformers.cache_utils import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)],
-                             config=self.config)
+        return DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)],
+                            config=self.config)
+
+    def _run(self, inputs_embeds, attention_mask, position_ids, cache):
         out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, cache=cache, use_cache=True)
         present = []
         for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (self.lm_head(out.last_hidden_state), *present)
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        return self._run(inputs_embeds, attention_mask, position_ids, self._cache(past))
+
+
+class BidirectionalImageDecoder(CachedTextDecoder):
+    """Gemma3: image tokens attend to each other both ways. `token_type_ids` [1, S] marks them (1) at prefill and
+    is all zeros when decoding, as transformers does; the masks are built here the way Gemma3Model builds them."""
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, token_type_ids, past):
+        from transformers.models.gemma3.modeling_gemma3 import (create_masks_for_vision_model,
+                                                                get_block_sequence_ids_for_mask)
+
+        cache = self._cache(past)
+        masks = create_masks_for_vision_model(self.config, inputs_embeds, attention_mask, cache, position_ids,
+                                              get_block_sequence_ids_for_mask(token_type_ids))
+        return self._run(inputs_embeds, masks, position_ids, cache)
 
 
 def position_scheme(vlm) -> dict:
@@ -105,7 +125,23 @@ def model_facts(vlm, n_image_tokens: int) -> dict:
         "n_image_tokens": int(n_image_tokens),
         "image_token_id": image_token_id(vlm),
         "position_scheme": position_scheme(vlm),
+        "image_mask": "bidirectional" if vlm.family in BIDIRECTIONAL_IMAGE_FAMILIES else "causal",
     }
+
+
+def decoder_shapes(facts: dict, seq: int, past: int) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes of the ONNX text_decoder for `seq` new tokens after `past` cached ones (lint,
+    TensorRT profiles, calibration)."""
+    L, kvh, hd = facts["num_layers"], facts["num_kv_heads"], facts["head_dim"]
+    mrope = facts["position_scheme"]["kind"] == "mrope"
+    shapes = {"inputs_embeds": (1, seq, facts["hidden_size"]), "attention_mask": (1, past + seq),
+              "position_ids": (3, 1, seq) if mrope else (1, seq)}
+    if facts.get("image_mask") == "bidirectional":
+        shapes["token_type_ids"] = (1, seq)
+    for i in range(L):
+        for kv in ("key", "value"):
+            shapes[f"past_key_values.{i}.{kv}"] = (1, kvh, past, hd)
+    return shapes
 
 
 def prompt_template(vlm) -> str:
@@ -145,12 +181,18 @@ def split_model(vlm) -> dict[str, Part]:
     past_len = torch.export.Dim("past", min=1, max=MAX_SEQ)
     total = torch.export.Dim("total", min=2, max=2 * MAX_SEQ)
     kv_names = [f"{i}.{kv}" for i in range(L) for kv in ("key", "value")]
-    decoder = Part(
-        CachedTextDecoder(vlm).eval(),
-        (torch.zeros(1, s, cfg.hidden_size), torch.ones(1, p + s, dtype=torch.int64), positions, past),
-        ["inputs_embeds", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv_names],
-        ["logits"] + [f"present.{n}" for n in kv_names],
-        dynamic=({1: seq}, {1: total}, {2 if mrope else 1: seq}, tuple({2: past_len} for _ in range(2 * L))),
-    )
+    embeds, mask = torch.zeros(1, s, cfg.hidden_size), torch.ones(1, p + s, dtype=torch.int64)
+    names = ["inputs_embeds", "attention_mask", "position_ids"]
+    dims = [{1: seq}, {1: total}, {2 if mrope else 1: seq}]
+    if vlm.family in BIDIRECTIONAL_IMAGE_FAMILIES:
+        module, example = BidirectionalImageDecoder(vlm), (embeds, mask, positions,
+                                                           torch.zeros(1, s, dtype=torch.int64), past)
+        names.append("token_type_ids")
+        dims.append({1: seq})
+    else:
+        module, example = CachedTextDecoder(vlm), (embeds, mask, positions, past)
+    decoder = Part(module.eval(), example, names + [f"past_key_values.{n}" for n in kv_names],
+                   ["logits"] + [f"present.{n}" for n in kv_names],
+                   dynamic=(*dims, tuple({2: past_len} for _ in range(2 * L))))
     return {"vision_encoder": Part(vision.eval(), (image,), ["image"], ["image_embeds"], None, vmeta),
             "token_embedding": embedding, "text_decoder": decoder}

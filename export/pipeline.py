@@ -82,21 +82,13 @@ def _write_side_files(vlm, tmp: Path) -> None:
         (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _onnx_shapes(facts: dict, seq: int, past: int) -> dict:
-    """Input shapes of text_decoder for lint and TensorRT profiles."""
-    L, kvh, hd = facts["num_layers"], facts["num_kv_heads"], facts["head_dim"]
-    mrope = facts["position_scheme"]["kind"] == "mrope"
-    shapes = {"inputs_embeds": (1, seq, facts["hidden_size"]), "attention_mask": (1, past + seq),
-              "position_ids": (3, 1, seq) if mrope else (1, seq)}
-    for i in range(L):
-        for kv in ("key", "value"):
-            shapes[f"past_key_values.{i}.{kv}"] = (1, kvh, past, hd)
-    return shapes
-
-
 def _write_onnx(vlm, parts, tmp: Path, target: str, precisions: dict, calibration, build_engines: bool) -> dict:
     from vlsi_edge.export import onnx_export as OX
+    from vlsi_edge.export import parts as PARTS
 
+    facts = PARTS.model_facts(vlm, parts["vision_encoder"].meta["n_image_tokens"])
+    lint_shapes = {"vision_encoder": {}, "token_embedding": {"input_ids": (1, 5)},
+                   "text_decoder": PARTS.decoder_shapes(facts, 5, 3)}
     facts_parts = {}
     for name, part in parts.items():
         path = tmp / f"{name}.onnx"
@@ -110,8 +102,12 @@ def _write_onnx(vlm, parts, tmp: Path, target: str, precisions: dict, calibratio
             OX.convert_fp16(path)
         elif prec == "int8" and target == "jetson":
             OX.quantize_int8_qdq(path, _calibration(vlm, parts, calibration))
+        report = OX.lint(path, lint_shapes[name])
+        if report:
+            raise UserError(f"{name}.onnx fails `polygraphy check lint`: {report.splitlines()[-1]}",
+                            "this is an exporter bug; please report it with the model's config")
         files = [f for f in (path.name, path.name + ".data") if (tmp / f).exists()]
-        facts_parts[name] = {"file": path.name, "files": files, "precision": prec,
+        facts_parts[name] = {"file": path.name, "files": files, "precision": prec, "lint": "clean",
                              "inputs": part.input_names, "outputs": part.output_names}
     manifest = {"parts": facts_parts}
     if target == "jetson":
@@ -142,7 +138,9 @@ def _calibration(vlm, parts, probes) -> list[dict]:
         emb[0, ids == facts["image_token_id"]] = img[0]
         pos, _ = P.prompt_positions(ids, facts["position_scheme"])
         feed = {"inputs_embeds": emb, "attention_mask": np.ones((1, len(ids)), np.int64), "position_ids": pos}
-        for name, shape in _onnx_shapes(facts, len(ids), 0).items():
+        if facts["image_mask"] == "bidirectional":
+            feed["token_type_ids"] = (ids == facts["image_token_id"]).astype(np.int64)[None]
+        for name, shape in PARTS.decoder_shapes(facts, len(ids), 0).items():
             if name.startswith("past_key_values"):
                 feed[name] = np.zeros(shape, np.float32)
         feeds.append(feed)

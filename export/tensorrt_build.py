@@ -16,13 +16,13 @@ PROFILE = {"seq": (1, 128, 512), "past": (0, 128, 511)}
 
 def profiles(facts: dict, max_seq: int = 512) -> dict:
     """min/opt/max shapes per dynamic input of each part (the vision encoder is static)."""
-    from vlsi_edge.export.pipeline import _onnx_shapes
+    from vlsi_edge.export.parts import decoder_shapes
 
     lo, opt, hi = PROFILE["seq"]
     plo, popt, phi = PROFILE["past"]
     hi, phi = min(hi, max_seq), min(phi, max_seq - 1)
-    decoder = {name: [list(_onnx_shapes(facts, s, p)[name]) for s, p in ((lo, plo), (opt, popt), (hi, phi))]
-               for name in _onnx_shapes(facts, 1, 0)}
+    decoder = {name: [list(decoder_shapes(facts, s, p)[name]) for s, p in ((lo, plo), (opt, popt), (hi, phi))]
+               for name in decoder_shapes(facts, 1, 0)}
     embedding = {"input_ids": [[1, lo], [1, opt], [1, hi]]}
     return {"text_decoder": decoder, "token_embedding": embedding}
 

@@ -63,11 +63,14 @@ class ExplicitCache:
         self.past = {f"past_key_values.{i}.{kv}": empty for i in range(m["num_layers"]) for kv in ("key", "value")}
         self.length = 0
 
-    def __call__(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def __call__(self, embeds: np.ndarray, positions: np.ndarray, image_mask: np.ndarray | None = None) -> np.ndarray:
         n = embeds.shape[1]
         feeds = {"inputs_embeds": embeds.astype(self.dtype, copy=False),
                  "attention_mask": np.ones((1, self.length + n), dtype=np.int64),
                  "position_ids": positions, **self.past}
+        if self.model.get("image_mask") == "bidirectional":   # Gemma3: image tokens see each other both ways
+            marks = np.zeros((1, n), np.int64) if image_mask is None else image_mask.astype(np.int64)[None]
+            feeds["token_type_ids"] = marks
         out = self.runtime.run("text_decoder", feeds)
         self.past = {k.replace("present.", "past_key_values."): v for k, v in out.items() if k.startswith("present.")}
         self.length += n
@@ -105,7 +108,7 @@ def generate(runtime, image, prompt: str, max_new_tokens: int = 32, sampling: Sa
     positions, next_pos = P.prompt_positions(ids, scheme)
     decoder = runtime.decoder()
     decoder.reset()
-    logits = decoder(embeds, positions)[-1]
+    logits = decoder(embeds, positions, ids == model["image_token_id"])[-1]
     timings["prefill_ms"] = _ms(t0)
 
     tokens, step_logits, decode_ms = [], [], []

@@ -257,3 +257,17 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.matrix
+@pytest.mark.parametrize("family", ["qwen2_5vl", "llava_onevision", "smolvlm", "internvl", "gemma3"])
+def test_onnx_export_every_family(family, tmp_path):
+    """Each family's briefly trained student exports to ONNX, passes the fp32 gate and generates exactly what
+    transformers generates."""
+    student = _train_briefly(family, tmp_path / "student", steps=30)
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", str(student), "--target", "onnx", "--data", DATA, "--out", str(out)]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"], report["failures"]
+    assert report["generation"]["exact_match"] == 1.0
+    assert report["text_decoder"]["generation_steps"]["top1"] == 1.0
