@@ -195,7 +195,7 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
         manifest = {"target": target, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "source": {"model": str(model), "family": vlm.family}, "model": facts, "tools": _versions(),
                     "parity": {"mode": parity}}
-        probe_items = _probes(vlm, data, probes)
+        probe_items = _probes(vlm, data, probes) if parity == "on" else []
         if target == "phone":
             from vlsi_edge.export import executorch_export as ET
 
