@@ -91,6 +91,27 @@ class BidirectionalImageDecoder(CachedTextDecoder):
         return self._run(inputs_embeds, masks, position_ids, cache)
 
 
+def set_image_size(vlm, size: int) -> None:
+    """Fix the export's image size. Qwen2-VL/Qwen2.5-VL take any multiple of patch × merge (the processor is set to
+    that exact pixel count); the other families export at their tower's native size only."""
+    from vlsi_edge.errors import UserError
+
+    if size == vlm.image_size:
+        return
+    if vlm.family not in MROPE_FAMILIES:
+        raise UserError(f"--image-size {size}: {vlm.family} exports at its vision tower's size only "
+                        f"({vlm.image_size})", f"drop --image-size or pass {vlm.image_size}")
+    vc = vlm.model.config.vision_config
+    step = vc.patch_size * vc.spatial_merge_size
+    if size <= 0 or size % step:
+        raise UserError(f"--image-size {size} does not fit {vlm.family}'s patching",
+                        f"expected a multiple of {step} (patch {vc.patch_size} × merge {vc.spatial_merge_size})")
+    ip = vlm.processor.image_processor
+    ip.min_pixels = ip.max_pixels = size * size
+    ip.size = {"shortest_edge": size * size, "longest_edge": size * size}
+    vlm.image_size = size
+
+
 def position_scheme(vlm) -> dict:
     if vlm.family not in MROPE_FAMILIES:
         return {"kind": "linear"}

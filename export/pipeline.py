@@ -175,7 +175,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 
 def export_model(model: str, target: str, out, precision: str | None = None, data: str = "builtin:shapes",
                  overwrite: bool = False, parity: str = "on", probes: int = 6, build_engines: bool = False,
-                 max_seq_len: int = 512) -> Path:
+                 max_seq_len: int = 512, image_size: int | None = None) -> Path:
     precisions = PREC.parse(precision, target)
     if parity not in PARITY_MODES:
         raise UserError(f"--parity {parity!r} is not known", "expected on or off")
@@ -187,6 +187,8 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
     from vlsi_edge.models import load_model
 
     vlm = load_model(model)
+    if image_size is not None:
+        PARTS.set_image_size(vlm, image_size)
     parts = PARTS.split_model(vlm)
     facts = PARTS.model_facts(vlm, parts["vision_encoder"].meta["n_image_tokens"])
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

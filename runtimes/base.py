@@ -77,13 +77,20 @@ class Runtime:
 def open_runtime(backend: str, bundle=None, verify: bool = True, **options) -> Runtime:
     """Open `bundle` (a path or Bundle) with the named backend, refusing a backend that cannot run its target."""
     _load_builtin()
-    if backend not in _REGISTRY:
-        raise UserError(f"unknown backend {backend!r}", f"expected one of {', '.join(sorted(_REGISTRY))}")
+    if backend not in BACKEND_TARGETS:
+        raise UserError(f"unknown backend {backend!r}", f"expected one of {', '.join(BACKEND_TARGETS)}")
     if backend == "torch":
-        return _REGISTRY[backend](**options)
+        return _factory(backend)(**options)
     b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, verify=verify)
     if b.target not in BACKEND_TARGETS[backend]:
         raise BundleError(f"backend {backend} cannot run a {b.target} bundle",
                           f"expected a {' or '.join(BACKEND_TARGETS[backend])} bundle for {backend}, or "
                           f"--backend {'executorch' if b.target == 'phone' else 'ort'}")
-    return _REGISTRY[backend](b, **options)
+    return _factory(backend)(b, **options)
+
+
+def _factory(backend: str):
+    if backend not in _REGISTRY:
+        raise BackendMissing(f"backend {backend} is not available in this installation",
+                             f"install {EXTRAS[backend]}")
+    return _REGISTRY[backend]

@@ -136,6 +136,15 @@ def test_tensorrt_engines_build(student, tmp_path):
     assert main(["export", "--model", str(student), "--target", "jetson", "--precision", "fp16", "--data", DATA,
                  "--out", str(out), "--build-engines"]) == 0
     assert (out / "cache" / "text_decoder.engine").stat().st_size > 0
+    from vlsi_edge.data.conversations import open_dataset
+    from vlsi_edge.runtimes.base import open_runtime
+    from vlsi_edge.runtimes.generate import generate
+
+    sample = next(iter(open_dataset(DATA, split="test")))
+    want = generate(open_runtime("ort", bundle=out, providers=["CPUExecutionProvider"]), sample.image,
+                    sample.turns[0].text, max_new_tokens=6).tokens
+    assert generate(open_runtime("tensorrt", bundle=out), sample.image, sample.turns[0].text,
+                    max_new_tokens=6).tokens == want
 
 
 def test_perturbed_export_fails_the_default_gate(student, fp32_bundle, tmp_path):
@@ -271,3 +280,40 @@ def test_onnx_export_every_family(family, tmp_path):
     assert report["passed"], report["failures"]
     assert report["generation"]["exact_match"] == 1.0
     assert report["text_decoder"]["generation_steps"]["top1"] == 1.0
+
+
+def test_backend_must_fit_the_bundle_and_be_installed(fp32_bundle):
+    from vlsi_edge.errors import UserError
+    from vlsi_edge.runtimes.base import open_runtime
+
+    for backend in ("executorch", "tensorrt"):
+        with pytest.raises(UserError, match=f"backend {backend} cannot run a onnx bundle"):
+            open_runtime(backend, bundle=fp32_bundle)
+    with pytest.raises(UserError, match="unknown backend"):
+        open_runtime("tflite", bundle=fp32_bundle)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["onnxruntime"] = None          # as if the onnx extra were not installed
+        from vlsi_edge.errors import UserError
+        from vlsi_edge.runtimes.base import open_runtime
+        try:
+            open_runtime("ort", bundle={str(fp32_bundle)!r})
+        except UserError as e:
+            print("ERR", e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert "ERR backend ort needs onnxruntime" in proc.stdout and "vlsi-edge[onnx]" in proc.stdout, proc.stderr
+
+
+def test_image_size_is_fixed_at_export(student, tmp_path, capsys):
+    """Qwen2-VL exports at another multiple of 28 (more image tokens, 3-D positions from the new grid) and still
+    passes the gate; a size that does not fit the patching is refused before anything is written."""
+    assert main(["export", "--model", str(student), "--target", "onnx", "--image-size", "100", "--data", DATA,
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "multiple of 28" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "140"
+    assert main(["export", "--model", str(student), "--target", "onnx", "--image-size", "140", "--data", DATA,
+                 "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["n_image_tokens"] == 25 and manifest["model"]["position_scheme"]["grid"] == [5, 5]
+    assert json.loads((out / "parity.json").read_text())["passed"]

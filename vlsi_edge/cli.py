@@ -300,7 +300,7 @@ class _Parser(argparse.ArgumentParser):
 
 def export(model: str, target: Literal["jetson", "phone", "onnx"], out: str, precision: str | None = None,
            data: str = "builtin:shapes", overwrite: bool = False, parity: Literal["on", "off"] = "on",
-           build_engines: bool = False, max_seq_len: int = 512) -> int:
+           build_engines: bool = False, max_seq_len: int = 512, image_size: int | None = None) -> int:
     """Export a student (a checkpoint folder such as RUN/student, or builtin:NAME) as a verified bundle.
 
     Args:
@@ -313,12 +313,14 @@ def export(model: str, target: Literal["jetson", "phone", "onnx"], out: str, pre
         parity: on: gate the bundle against the PyTorch model (off only for random-weight benchmarks)
         build_engines: jetson: build TensorRT engines here (needs TensorRT and a GPU; else writes the script)
         max_seq_len: phone: the static KV cache length
+        image_size: the square image size fixed into the vision encoder (default: the model's own)
     """
     _require_host("export")
     from vlsi_edge.export.pipeline import export_model
 
     path = export_model(model, target=target, out=out, precision=precision, data=data, overwrite=overwrite,
-                        parity=parity, build_engines=build_engines, max_seq_len=max_seq_len)
+                        parity=parity, build_engines=build_engines, max_seq_len=max_seq_len,
+                        image_size=image_size)
     print(f"wrote bundle {path}")
     return 0
 
