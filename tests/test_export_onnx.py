@@ -317,3 +317,20 @@ def test_image_size_is_fixed_at_export(student, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["n_image_tokens"] == 25 and manifest["model"]["position_scheme"]["grid"] == [5, 5]
     assert json.loads((out / "parity.json").read_text())["passed"]
+
+
+def test_torch_reference_backend_runs_the_same_loop(student, fp32_bundle):
+    """The host-side PyTorch backend (the split parts, untraced) and the ONNX bundle give the same tokens and
+    logits through the one generation loop."""
+    import vlsi_edge.torch_runtime  # noqa: F401  (registers "torch")
+    from vlsi_edge.data.conversations import open_dataset
+    from vlsi_edge.runtimes.base import open_runtime
+    from vlsi_edge.runtimes.generate import generate
+
+    ref = open_runtime("torch", model=str(student))
+    ort = open_runtime("ort", bundle=fp32_bundle)
+    for sample in list(open_dataset(DATA, split="test"))[:2]:
+        a = generate(ref, sample.image, sample.turns[0].text, max_new_tokens=5, keep_logits=True)
+        b = generate(ort, sample.image, sample.turns[0].text, max_new_tokens=5, keep_logits=True)
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(np.stack(a.step_logits), np.stack(b.step_logits), atol=1e-4, rtol=0)
