@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # The main job: the most complete pipeline that exists today (becomes `vlsi-edge demo`): synthesize the suite,
-# SFT the tiny student on the pretrain split, VLsI-distill it from the tiny teacher, score both on the test split.
+# SFT the tiny student on the pretrain split, VLsI-distill it from the tiny teacher, score both on the test split,
+# export the distilled student for ONNX Runtime and for Jetson (fp16), parity-gated, and verify a bundle.
 DATA = $(OUT)/shapes
 demo: setup
 	$(VENV)/bin/vlsi-edge inspect --list
@@ -30,6 +31,11 @@ demo: setup
 	$(VENV)/bin/vlsi-edge eval --model $(OUT)/pretrain-student/student --data $(DATA) --split test \
 		--out $(OUT)/preds-pretrained-student.json
 	$(VENV)/bin/vlsi-edge eval --model $(OUT)/vlsi/student --data $(DATA) --split test --out $(OUT)/preds-vlsi-student.json
+	$(VENV)/bin/vlsi-edge export --model $(OUT)/vlsi/student --target onnx --data $(DATA) --out $(OUT)/bundle-onnx \
+		--overwrite
+	$(VENV)/bin/vlsi-edge export --model $(OUT)/vlsi/student --target jetson --precision fp16 --data $(DATA) \
+		--out $(OUT)/bundle-jetson-fp16 --overwrite
+	$(VENV)/bin/vlsi-edge verify --bundle $(OUT)/bundle-onnx
 
 # The default test tier (<= 10 minutes on 2 cores). pytest's exit 5 (no tests ran) is a failure.
 test: setup
