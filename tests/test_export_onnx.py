@@ -97,6 +97,18 @@ def test_int8_decoder_passes_its_gate(student, tmp_path):
     assert report["text_decoder"]["teacher_forced"]["top1"] >= 0.97
 
 
+@pytest.mark.matrix
+def test_int4_decoder_passes_its_gate(student, tmp_path):
+    import onnx
+
+    out = tmp_path / "int4"
+    assert main(["export", "--model", str(student), "--target", "onnx", "--precision", "decoder=int4",
+                 "--data", DATA, "--out", str(out)]) == 0
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(out / "text_decoder.onnx")).graph.node}
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"] and report["text_decoder"]["teacher_forced"]["top1"] >= 0.95
+
+
 def test_jetson_fp16_and_int8_pass_their_gates_and_leave_trtexec_commands(student, tmp_path, capsys):
     """Without TensorRT here, --build-engines says so and writes build_engines.sh; the manifest carries the
     optimisation profiles and the ORT provider chain (TensorRT EP → CUDA → CPU)."""
