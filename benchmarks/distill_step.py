@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -223,16 +222,9 @@ def mem_available_mb() -> float:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "mem_total_mb": round(os.sysconf("SC_PAGE_SIZE")
-                                                                       * os.sysconf("SC_PHYS_PAGES") / 2**20),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    from vlsi_edge.benchmarks.hostinfo import machine as host
+
+    return {**host(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def run_child(variant: str, args) -> dict:

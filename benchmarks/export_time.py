@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from vlsi_edge.benchmarks.hostinfo import machine as host
 
 VARIANTS = ["onnx:fp32", "onnx:decoder=int8", "onnx:decoder=int4", "jetson:fp16", "jetson:decoder=int8",
             "phone:fp32", "phone:decoder=8da4w"]
@@ -78,17 +78,6 @@ def run_variant(model: Path, variant: str, work: Path) -> dict:
     return row
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny student (smoke test)")
@@ -106,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         status = "ok" if r["ok"] else f"FAILED: {r['error']}"
         print(f"{r['variant']:<24} {r['seconds']:>8} {r.get('bundle_mb', '-'):>10}  {status}")
     result = {"benchmark": "export_time", "student": "quick" if args.quick else "qwen2-0.5b-text-dims",
-              "checkpoint_build_s": round(build_s, 1), "goal_s_per_target": GOAL_S, "machine": machine(),
+              "checkpoint_build_s": round(build_s, 1), "goal_s_per_target": GOAL_S, "machine": host(),
               "variants": rows, "all_ok": all(r["ok"] for r in rows),
               "max_seconds": max(r["seconds"] for r in rows)}
     print(json.dumps(result))

@@ -68,8 +68,7 @@ def quantize_int4(path: Path, block_size: int = 32) -> list[str]:
     """Weight-only 4-bit blocks (`MatMulNBits`) on every weight matmul but the lm_head, which stays fp32 (as
     llama.cpp keeps its output layer at higher precision: 4-bit logits cost the most agreement per byte saved)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 MatMulNBitsQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model = onnx.load(str(path))
     head = [n.name for n in model.graph.node if "logits" in n.output]

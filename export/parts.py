@@ -82,8 +82,10 @@ class BidirectionalImageDecoder(CachedTextDecoder):
     is all zeros when decoding, as transformers does; the masks are built here the way Gemma3Model builds them."""
 
     def forward(self, inputs_embeds, attention_mask, position_ids, token_type_ids, past):
-        from transformers.models.gemma3.modeling_gemma3 import (create_masks_for_vision_model,
-                                                                get_block_sequence_ids_for_mask)
+        from transformers.models.gemma3.modeling_gemma3 import (
+            create_masks_for_vision_model,
+            get_block_sequence_ids_for_mask,
+        )
 
         cache = self._cache(past)
         masks = create_masks_for_vision_model(self.config, inputs_embeds, attention_mask, cache, position_ids,

@@ -19,6 +19,7 @@ from pathlib import Path
 from vlsi_edge.export import precision as PREC
 
 from vlsi_edge.errors import UserError
+from vlsi_edge.fileio import publish_dir
 
 PARITY_MODES = ("on", "off")
 CALIBRATION_ITEMS = 32
@@ -161,18 +162,6 @@ def _gate(vlm, parts, tmp: Path, target: str, precisions: dict, probes) -> list[
     return failures
 
 
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise UserError(f"output {out} appeared while exporting", "pass --overwrite or choose another --out")
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
-    else:
-        os.replace(tmp, out)
-
-
 def export_model(model: str, target: str, out, precision: str | None = None, data: str = "builtin:shapes",
                  overwrite: bool = False, parity: str = "on", probes: int = 6, build_engines: bool = False,
                  max_seq_len: int = 512, image_size: int | None = None) -> Path:
@@ -216,11 +205,12 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
             write_manifest(tmp, manifest)
         if failures:
             rejected = out.parent / f"{out.name}.rejected"
-            _publish(tmp, rejected, True)
+            publish_dir(tmp, rejected, True, None)
             more = f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""
             raise UserError(f"parity gate failed: {failures[0]}{more}",
                             f"the bundle went to {rejected} with its parity.json")
-        _publish(tmp, out, overwrite)
+        publish_dir(tmp, out, overwrite, lambda: UserError(f"output {out} appeared while exporting",
+                                                            "pass --overwrite or choose another --out"))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -32,30 +32,6 @@ def _samples(n: int = 4):
     return list(out.values())[:n]
 
 
-def _train_briefly(family: str, out, steps: int = 40):
-    """A student with peaked logits (random weights give near-ties everywhere)."""
-    import torch
-
-    from vlsi_edge.data.collate import Collator
-    from vlsi_edge.data.conversations import open_dataset
-    from vlsi_edge.models import load_model
-
-    torch.manual_seed(0)
-    vlm = load_model(f"builtin:tiny-{family}-student")
-    samples = list(open_dataset(DATA, split="train"))[:32]
-    batch = Collator(vlm, mode="train")(samples)
-    opt = torch.optim.AdamW(vlm.model.parameters(), lr=2e-3)
-    vlm.model.train()
-    for _ in range(steps):
-        loss = vlm.model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vlm.model.eval()
-    vlm.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(torch_threads):
     from executorch.extension.pybindings import portable_lib
@@ -64,13 +40,13 @@ def _one_thread(torch_threads):
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(tmp_path_factory, train_briefly):
     """family → (student folder, fp32 phone bundle), each trained and exported once per module."""
     cache = {}
 
     def get(family: str):
         if family not in cache:
-            student = _train_briefly(family, tmp_path_factory.mktemp(family) / "student", STEPS.get(family, 40))
+            student = train_briefly(family, tmp_path_factory.mktemp(family) / "student", STEPS.get(family, 40))
             bundle = tmp_path_factory.mktemp("bundles") / f"{family}-fp32"
             assert main(["export", "--model", str(student), "--target", "phone", "--data", DATA,
                          "--out", str(bundle)]) == 0

@@ -19,36 +19,12 @@ from vlsi_edge.cli import main
 pytest.importorskip("onnxruntime")
 
 
-def _train_briefly(family: str, out, steps: int = 40):
-    """A student with peaked logits (random weights give near-ties everywhere)."""
-    import torch
-
-    from vlsi_edge.data.collate import Collator
-    from vlsi_edge.data.conversations import open_dataset
-    from vlsi_edge.models import load_model
-
-    torch.manual_seed(0)
-    vlm = load_model(f"builtin:tiny-{family}-student")
-    samples = list(open_dataset("builtin:shapes:n_pretrain=0,n_train=64,n_val=16,n_test=16", split="train"))[:32]
-    batch = Collator(vlm, mode="train")(samples)
-    opt = torch.optim.AdamW(vlm.model.parameters(), lr=2e-3)
-    vlm.model.train()
-    for _ in range(steps):
-        loss = vlm.model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    vlm.model.eval()
-    vlm.save_pretrained(out)
-    return out
-
-
 DATA = "builtin:shapes:n_pretrain=0,n_train=64,n_val=16,n_test=16"
 
 
 @pytest.fixture(scope="module")
-def student(tmp_path_factory):
-    return _train_briefly("qwen2vl", tmp_path_factory.mktemp("qwen2vl") / "student")
+def student(tmp_path_factory, train_briefly):
+    return train_briefly("qwen2vl", tmp_path_factory.mktemp("qwen2vl") / "student")
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +124,10 @@ def test_tensorrt_engines_build(student, tmp_path):
     assert main(["export", "--model", str(student), "--target", "jetson", "--precision", "fp16", "--data", DATA,
                  "--out", str(out), "--build-engines"]) == 0
     assert (out / "cache" / "text_decoder.engine").stat().st_size > 0
-    from vlsi_edge.data.conversations import open_dataset
     from vlsi_edge.runtimes.base import open_runtime
     from vlsi_edge.runtimes.generate import generate
+
+    from vlsi_edge.data.conversations import open_dataset
 
     sample = next(iter(open_dataset(DATA, split="test")))
     want = generate(open_runtime("ort", bundle=out, providers=["CPUExecutionProvider"]), sample.image,
@@ -282,10 +259,10 @@ class _nothing:
 
 @pytest.mark.matrix
 @pytest.mark.parametrize("family", ["qwen2_5vl", "llava_onevision", "smolvlm", "internvl", "gemma3"])
-def test_onnx_export_every_family(family, tmp_path):
+def test_onnx_export_every_family(family, tmp_path, train_briefly):
     """Each family's briefly trained student exports to ONNX, passes the fp32 gate and generates exactly what
     transformers generates."""
-    student = _train_briefly(family, tmp_path / "student", steps=30)
+    student = train_briefly(family, tmp_path / "student", steps=30)
     out = tmp_path / "bundle"
     assert main(["export", "--model", str(student), "--target", "onnx", "--data", DATA, "--out", str(out)]) == 0
     report = json.loads((out / "parity.json").read_text())
@@ -295,8 +272,9 @@ def test_onnx_export_every_family(family, tmp_path):
 
 
 def test_backend_must_fit_the_bundle_and_be_installed(fp32_bundle):
-    from vlsi_edge.errors import UserError
     from vlsi_edge.runtimes.base import open_runtime
+
+    from vlsi_edge.errors import UserError
 
     for backend in ("executorch", "tensorrt"):
         with pytest.raises(UserError, match=f"backend {backend} cannot run a onnx bundle"):
@@ -334,10 +312,11 @@ def test_image_size_is_fixed_at_export(student, tmp_path, capsys):
 def test_torch_reference_backend_runs_the_same_loop(student, fp32_bundle):
     """The host-side PyTorch backend (the split parts, untraced) and the ONNX bundle give the same tokens and
     logits through the one generation loop."""
-    import vlsi_edge.torch_runtime  # noqa: F401  (registers "torch")
-    from vlsi_edge.data.conversations import open_dataset
     from vlsi_edge.runtimes.base import open_runtime
     from vlsi_edge.runtimes.generate import generate
+
+    import vlsi_edge.torch_runtime  # noqa: F401  (registers "torch")
+    from vlsi_edge.data.conversations import open_dataset
 
     ref = open_runtime("torch", model=str(student))
     ort = open_runtime("ort", bundle=fp32_bundle)

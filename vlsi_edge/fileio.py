@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -48,3 +50,19 @@ def atomic_path(path: Path):
 def write_json_atomic(path: Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def publish_dir(tmp: Path, out: Path, overwrite: bool, appeared_error) -> None:
+    """Rename a finished folder `tmp` to `out` (an empty `out` is replaced). An existing `out` is swapped out and
+    removed when `overwrite`, else `appeared_error()` is raised: it appeared while we were building."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not overwrite:
+        raise appeared_error()
+    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, trash)
+    os.replace(tmp, out)
+    shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()

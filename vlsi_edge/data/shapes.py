@@ -41,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlsi_edge.errors import DataError
+from vlsi_edge.fileio import publish_dir
 
 GENERATOR_VERSION = 2
 CATEGORIES = ("colour", "shape", "count", "spatial", "comparison", "pattern")
@@ -457,23 +458,10 @@ def synth(out: Path, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 
             "palette": {k: list(v) for k, v in COLOURS.items()},
         }
         (tmp / "info.json").write_text(json.dumps(info, sort_keys=True, indent=1) + "\n", encoding="utf-8")
-        _publish(tmp, out, overwrite)
+        publish_dir(tmp, out, overwrite, lambda: DataError(
+            f"output folder {out} appeared while generating and is not empty",
+            "expected a new or empty folder; pass overwrite=True"))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():
-        if not overwrite:
-            raise DataError(f"output folder {out} appeared while generating and is not empty",
-                            "expected a new or empty folder; pass overwrite=True")
-        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
-    else:
-        os.replace(tmp, out)
