@@ -43,11 +43,10 @@ def build_student(out: Path, quick: bool) -> Path:
     text = config.text_config
     for key, value in FULL.items():
         setattr(text, key, value)
+    text.layer_types = ["full_attention"] * FULL["num_hidden_layers"]
     half = FULL["hidden_size"] // FULL["num_attention_heads"] // 2
-    text.rope_scaling = {"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
-                         "rope_type": "default"}
-    text.rope_parameters = {**(getattr(text, "rope_parameters", None) or {}), "mrope_section":
-                            text.rope_scaling["mrope_section"]}
+    section = [half - 2 * (half // 3), half // 3, half // 3]       # mrope sections sum to the rotary half-dim
+    text.rope_parameters = {**text.rope_parameters, "mrope_section": section}
     config.vision_config.hidden_size = FULL["hidden_size"]
     config.vision_config.out_hidden_size = FULL["hidden_size"]
     torch.manual_seed(0)
