@@ -80,13 +80,12 @@ def _prefix(a: list[int], b: list[int]) -> int:
 def check(vlm, parts, runtime, probes, max_new_tokens: int = 8) -> dict:
     """Measure parity of `runtime` (the bundle) against the PyTorch student on `probes` [(Sample, uint8 image)]."""
     import torch
-    from vlsi_edge.runtimes.generate import generate
+    from vlsi_edge.runtimes.generate import generate, merge_prompt
 
     from vlsi_edge.data.collate import Collator
 
     model = vlm.model
     collate = Collator(vlm, mode="generate")
-    image_id = runtime.bundle.model["image_token_id"]
     vision_ref = parts["vision_encoder"].module
     vis = {"cosine": 1.0, "max_abs": 0.0}
     emb_max, forced, stepped = 0.0, {}, {}
@@ -123,19 +122,15 @@ def check(vlm, parts, runtime, probes, max_new_tokens: int = 8) -> dict:
         fwd["input_ids"] = torch.from_numpy(full)[None]
         with torch.no_grad():
             hf_logits = model(**fwd).logits[0].float().numpy()
-        embeds = runtime.run("token_embedding", {"input_ids": full[None]})["inputs_embeds"].copy()
+        tokens = runtime.run("token_embedding", {"input_ids": full[None]})["inputs_embeds"]
         with torch.no_grad():
             emb_ref = vlm.embed_tokens(torch.from_numpy(full)[None]).numpy()
-        emb_max = max(emb_max, float(np.abs(emb_ref - embeds).max()))
-        where = np.flatnonzero(full == image_id)
-        embeds[0, where] = v_got[0]
-        from vlsi_edge.runtimes import positions as P
-
-        pos, _ = P.prompt_positions(full, runtime.bundle.model["position_scheme"])
+        emb_max = max(emb_max, float(np.abs(emb_ref - tokens).max()))
+        embeds, pos, _, is_image = merge_prompt(runtime.bundle.model, full, tokens, v_got)
         decoder = runtime.decoder()
         decoder.reset()
-        got_logits = decoder(embeds, pos, full == image_id)
-        text = full != image_id
+        got_logits = decoder(embeds, pos, is_image)
+        text = ~is_image
         forced = _merge(forced, compare_logits(hf_logits[text], got_logits[text]))
 
         out = generate(runtime, pixels, sample.turns[0].text, max_new_tokens=max_new_tokens, keep_logits=True)

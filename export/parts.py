@@ -182,6 +182,13 @@ def prompt_template(vlm) -> str:
     return expanded
 
 
+def generation_config(vlm) -> dict:
+    """generation.json: the expanded prompt template, stop tokens and image token a device needs to prompt the
+    parts."""
+    return {"template": prompt_template(vlm), "eos_token_ids": eos_token_ids(vlm), "max_new_tokens": 32,
+            "image_token_id": image_token_id(vlm)}
+
+
 def split_model(vlm) -> dict[str, Part]:
     from vlsi_edge.export.vision import build_vision_encoder
 

@@ -77,17 +77,15 @@ def _write_side_files(vlm, tmp: Path) -> None:
     vlm.tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
     preprocess = {"image_size": vlm.image_size, "resize": "bicubic", "layout": "NCHW", "dtype": "uint8",
                   "channels": "RGB", "normalisation": "inside vision_encoder"}
-    generation = {"template": PARTS.prompt_template(vlm), "eos_token_ids": PARTS.eos_token_ids(vlm),
-                  "max_new_tokens": 32, "image_token_id": PARTS.image_token_id(vlm)}
-    for name, obj in (("preprocess.json", preprocess), ("generation.json", generation)):
+    for name, obj in (("preprocess.json", preprocess), ("generation.json", PARTS.generation_config(vlm))):
         (tmp / name).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_onnx(vlm, parts, tmp: Path, target: str, precisions: dict, calibration, build_engines: bool) -> dict:
+def _write_onnx(parts, facts: dict, tmp: Path, target: str, precisions: dict, calibration,
+                build_engines: bool) -> dict:
     from vlsi_edge.export import onnx_export as OX
     from vlsi_edge.export import parts as PARTS
 
-    facts = PARTS.model_facts(vlm, parts["vision_encoder"].meta["n_image_tokens"])
     lint_shapes = {"vision_encoder": {}, "token_embedding": {"input_ids": (1, 5)},
                    "text_decoder": PARTS.decoder_shapes(facts, 5, 3)}
     facts_parts = {}
@@ -102,7 +100,7 @@ def _write_onnx(vlm, parts, tmp: Path, target: str, precisions: dict, calibratio
         elif prec == "fp16":
             OX.convert_fp16(path)
         elif prec == "int8" and target == "jetson":
-            OX.quantize_int8_qdq(path, _calibration(vlm, parts, calibration))
+            OX.quantize_int8_qdq(path, _calibration(parts, facts, tmp, calibration))
         report = OX.lint(path, lint_shapes[name])
         if report:
             raise UserError(f"{name}.onnx fails `polygraphy check lint`: {report.splitlines()[-1]}",
@@ -114,33 +112,33 @@ def _write_onnx(vlm, parts, tmp: Path, target: str, precisions: dict, calibratio
     if target == "jetson":
         from vlsi_edge.export import tensorrt_build as TRT
 
-        manifest.update(TRT.jetson_extras(vlm, tmp, precisions, build_engines))
+        manifest.update(TRT.jetson_extras(facts, tmp, precisions, build_engines))
     else:
         manifest["runtime"] = {"ort": {"providers": ["CPUExecutionProvider"]}}
     return manifest
 
 
-def _calibration(vlm, parts, probes) -> list[dict]:
-    """Decoder prefill feeds for Q/DQ calibration, made with the PyTorch parts on the probe items."""
+def _calibration(parts, facts: dict, tmp: Path, probes) -> list[dict]:
+    """Decoder prefill feeds for Q/DQ calibration: the probe items prompted as a device prompts them (the bundle's
+    tokenizer and template, written first), embedded by the PyTorch parts."""
     import numpy as np
     import torch
-    from vlsi_edge.export import parts as PARTS
-    from vlsi_edge.runtimes import positions as P
 
-    facts = PARTS.model_facts(vlm, parts["vision_encoder"].meta["n_image_tokens"])
-    template = PARTS.prompt_template(vlm)
+    from vlsi_edge.export import parts as PARTS
+    from vlsi_edge.runtimes.generate import merge_prompt
+    from vlsi_edge.runtimes.text import Prompter
+
+    prompter = Prompter(tmp / "tokenizer.json", json.loads((tmp / "generation.json").read_text()))
     feeds = []
     for sample, pixels in probes:
-        head, tail = template.split("{prompt}")
-        ids = np.asarray(vlm.tokenizer(head + sample.turns[0].text + tail, add_special_tokens=False)["input_ids"])
+        ids = prompter.ids(sample.turns[0].text)
         with torch.no_grad():
-            emb = parts["token_embedding"].module(torch.from_numpy(ids)[None]).numpy().copy()
-            img = parts["vision_encoder"].module(torch.from_numpy(pixels[None])).numpy()
-        emb[0, ids == facts["image_token_id"]] = img[0]
-        pos, _ = P.prompt_positions(ids, facts["position_scheme"])
-        feed = {"inputs_embeds": emb, "attention_mask": np.ones((1, len(ids)), np.int64), "position_ids": pos}
+            tokens = parts["token_embedding"].module(torch.from_numpy(ids)[None]).numpy()
+            image = parts["vision_encoder"].module(torch.from_numpy(pixels[None])).numpy()
+        embeds, pos, _, is_image = merge_prompt(facts, ids, tokens, image)
+        feed = {"inputs_embeds": embeds, "attention_mask": np.ones((1, len(ids)), np.int64), "position_ids": pos}
         if facts["image_mask"] == "bidirectional":
-            feed["token_type_ids"] = (ids == facts["image_token_id"]).astype(np.int64)[None]
+            feed["token_type_ids"] = is_image.astype(np.int64)[None]
         for name, shape in PARTS.decoder_shapes(facts, len(ids), 0).items():
             if name.startswith("past_key_values"):
                 feed[name] = np.zeros(shape, np.float32)
@@ -187,6 +185,7 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
                     "source": {"model": str(model), "family": vlm.family}, "model": facts, "tools": _versions(),
                     "parity": {"mode": parity}}
         probe_items = _probes(vlm, data, probes) if parity == "on" else []
+        _write_side_files(vlm, tmp)
         if target == "phone":
             from vlsi_edge.export import executorch_export as ET
 
@@ -194,8 +193,7 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
         else:
             calibration = _probes(vlm, data, CALIBRATION_ITEMS, ("train", "val")) if "int8" in precisions.values() \
                 and target == "jetson" else []
-            manifest.update(_write_onnx(vlm, parts, tmp, target, precisions, calibration, build_engines))
-        _write_side_files(vlm, tmp)
+            manifest.update(_write_onnx(parts, facts, tmp, target, precisions, calibration, build_engines))
         from vlsi_edge.runtimes.bundle import write_manifest
 
         write_manifest(tmp, manifest)

@@ -90,12 +90,9 @@ def build_engine(onnx_path: Path, engine_path: Path, prof: dict | None, timing_c
     return {"tensorrt": trt.__version__, "device": torch.cuda.get_device_name(0)}
 
 
-def jetson_extras(vlm, root: Path, precisions: dict, build_engines: bool) -> dict:
-    """Manifest entries for the jetson target; writes build_engines.sh, or engines under cache/ when asked and
-    possible."""
-    from vlsi_edge.export import parts as PARTS
-
-    facts = PARTS.model_facts(vlm, 0)
+def jetson_extras(facts: dict, root: Path, precisions: dict, build_engines: bool) -> dict:
+    """Manifest entries for the jetson target (`facts`: the manifest's model block); writes build_engines.sh, or
+    engines under cache/ when asked and possible."""
     prof = profiles(facts)
     parts = {name: {"file": f"{name}.onnx"} for name in ("vision_encoder", "token_embedding", "text_decoder")}
     (root / "build_engines.sh").write_text(trtexec_script(parts, prof), encoding="utf-8")

@@ -77,6 +77,18 @@ class ExplicitCache:
         return out["logits"][0]
 
 
+def merge_prompt(model: dict, ids: np.ndarray, token_embeds: np.ndarray, image_embeds: np.ndarray):
+    """The prefill's inputs: the prompt's token embeddings [1,S,D] with the image's rows written over its image
+    tokens, their positions (the bundle's scheme), the position that follows, and the image-token mask [S]."""
+    is_image = ids == model["image_token_id"]
+    if is_image.sum() != image_embeds.shape[1]:
+        raise ValueError(f"prompt holds {is_image.sum()} image tokens, the vision encoder made {image_embeds.shape[1]}")
+    embeds = token_embeds.copy()
+    embeds[0, is_image] = image_embeds[0]
+    positions, next_pos = P.prompt_positions(ids, model["position_scheme"])
+    return embeds, positions, next_pos, is_image
+
+
 def _ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
@@ -99,17 +111,13 @@ def generate(runtime, image, prompt: str, max_new_tokens: int = 32, sampling: Sa
     timings["vision_ms"] = _ms(t0)
 
     t0 = time.perf_counter()
-    embeds = runtime.run("token_embedding", {"input_ids": ids[None]})["inputs_embeds"].copy()
-    where = np.flatnonzero(ids == model["image_token_id"])
-    if len(where) != image_embeds.shape[1]:
-        raise ValueError(f"prompt holds {len(where)} image tokens, the vision encoder made {image_embeds.shape[1]}")
-    embeds[0, where] = image_embeds[0]
-    scheme = model["position_scheme"]
-    positions, next_pos = P.prompt_positions(ids, scheme)
+    tokens = runtime.run("token_embedding", {"input_ids": ids[None]})["inputs_embeds"]
+    embeds, positions, next_pos, is_image = merge_prompt(model, ids, tokens, image_embeds)
     decoder = runtime.decoder()
     decoder.reset()
-    logits = decoder(embeds, positions, ids == model["image_token_id"])[-1]
+    logits = decoder(embeds, positions, is_image)[-1]
     timings["prefill_ms"] = _ms(t0)
+    scheme = model["position_scheme"]
 
     tokens, step_logits, decode_ms = [], [], []
     eos = prompter.eos_ids

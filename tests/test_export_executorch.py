@@ -39,6 +39,15 @@ def _one_thread(torch_threads):
     portable_lib._unsafe_reset_threadpool(1)
 
 
+def _export_gated(student, out, precision: str) -> dict:
+    """Export a phone bundle at `precision`; it must pass its own gate. Returns parity.json."""
+    assert main(["export", "--model", str(student), "--target", "phone", "--precision", precision, "--data", DATA,
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "parity.json").read_text())
+    assert report["passed"], report["failures"]
+    return report
+
+
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, train_briefly):
     """family → (student folder, fp32 phone bundle), each trained and exported once per module."""
@@ -192,10 +201,7 @@ def test_fp32_bundle_matches_transformers_generate(made):
 def test_8da4w_decoder_passes_its_gate(made, tmp_path):
     student, _ = made("llava_onevision")
     out = tmp_path / "8da4w"
-    assert main(["export", "--model", str(student), "--target", "phone", "--precision",
-                 "embedding=int8,decoder=8da4w", "--data", DATA, "--out", str(out)]) == 0
-    report = json.loads((out / "parity.json").read_text())
-    assert report["passed"], report["failures"]
+    report = _export_gated(student, out, "embedding=int8,decoder=8da4w")
     assert report["precisions"] == {"vision_encoder": "fp32", "token_embedding": "int8", "text_decoder": "8da4w"}
     assert report["text_decoder"]["teacher_forced"]["top1"] >= 0.95
     assert report["text_decoder"]["teacher_forced"]["mean_kl"] <= 0.05
@@ -256,10 +262,7 @@ def test_matrix_quantized_qwen2vl_passes_its_gates(made, tmp_path):
     gates, and the MultimodalRunner gives the tokens the Python runtime gives on the same program."""
     student, _ = made("qwen2vl")
     out = tmp_path / "quantized"
-    assert main(["export", "--model", str(student), "--target", "phone", "--precision",
-                 "vision=8da8w,embedding=int8,decoder=8da8w", "--data", DATA, "--out", str(out)]) == 0
-    report = json.loads((out / "parity.json").read_text())
-    assert report["passed"], report["failures"]
+    report = _export_gated(student, out, "vision=8da8w,embedding=int8,decoder=8da8w")
     from vlsi_edge.runtimes.base import open_runtime
     from vlsi_edge.runtimes.generate import generate
 

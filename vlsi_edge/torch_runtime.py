@@ -35,9 +35,7 @@ class TorchRuntime(Runtime):
         self._tmp = tempfile.TemporaryDirectory(prefix="vlsi-edge-torch-")
         root = Path(self._tmp.name)
         self.vlm.tokenizer.backend_tokenizer.save(str(root / "tokenizer.json"))
-        generation = {"template": PARTS.prompt_template(self.vlm), "eos_token_ids": PARTS.eos_token_ids(self.vlm),
-                      "image_token_id": facts["image_token_id"], "max_new_tokens": 32}
-        (root / "generation.json").write_text(json.dumps(generation))
+        (root / "generation.json").write_text(json.dumps(PARTS.generation_config(self.vlm)))
         manifest = {"target": "host", "model": facts, "source": {"model": str(model), "family": self.vlm.family},
                     "parts": {name: {"precision": "fp32", "inputs": p.input_names, "outputs": p.output_names}
                               for name, p in self.parts_.items()}}
