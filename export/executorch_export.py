@@ -249,6 +249,14 @@ def _export(module: nn.Module, example: tuple, dynamic=None):
         return torch.export.export(module.eval(), example, dynamic_shapes=dynamic, strict=True)
 
 
+def _weight_bytes(program) -> int:
+    """Bytes of a method's weights and constants, its mutable state (the KV cache) left out: what one call reads."""
+    mutated = set(program.graph_signature.buffers_to_mutate.values())
+    tensors = [t for name, t in program.state_dict.items() if name not in mutated]
+    tensors += [t for t in program.constants.values() if isinstance(t, torch.Tensor)]
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
 def write_program(vlm, root: Path, precisions: dict, max_seq_len: int) -> dict:
     """Export, lower and save `root/model.pte`; returns the manifest entries (parts, decoder, runtime)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -315,6 +323,7 @@ def write_program(vlm, root: Path, precisions: dict, max_seq_len: int) -> dict:
     parts = {name: {"file": PTE, "files": [PTE], "method": name, "precision": precisions[name],
                     "inputs": io[name][0], "outputs": io[name][1]} for name in programs}
     for name, part in parts.items():
+        part["weight_bytes"] = _weight_bytes(programs[name])
         if (facts := _quantization_facts(precisions[name])) is not None:
             part["quantization"] = facts
     parts["vision_encoder"]["shapes"] = {"image": [1, 3, size, size], "image_embeds": [1, n_img, width]}

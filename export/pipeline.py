@@ -169,8 +169,8 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
     out = Path(out)
     _check_out(out, overwrite)
 
+    from vlsi_edge.distill.verbalizer import fingerprint
     from vlsi_edge.export import parts as PARTS
-
     from vlsi_edge.models import load_model
 
     vlm = load_model(model)
@@ -182,7 +182,8 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
     tmp.mkdir(parents=True)
     try:
         manifest = {"target": target, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "source": {"model": str(model), "family": vlm.family}, "model": facts, "tools": _versions(),
+                    "source": {"model": str(model), "family": vlm.family,
+                               "weights_fingerprint": fingerprint(vlm.model)}, "model": facts, "tools": _versions(),
                     "parity": {"mode": parity}}
         probe_items = _probes(vlm, data, probes) if parity == "on" else []
         _write_side_files(vlm, tmp)

@@ -25,3 +25,20 @@ def test_distill_step_quick():
     b, c = variants["b"]["loss"], variants["c"]["loss"]
     assert abs(b - c) <= 1e-4 * abs(b), (b, c)
 
+
+
+@pytest.mark.slow
+def test_decode_roofline_quick(tmp_path):
+    """Every path of the roofline benchmark runs on the tiny preset: five exports, five benches and eager."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_roofline.py"), "--quick", "--tokens", "4",
+                           "--threads", "1", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["benchmark"] == "decode_roofline" and report["bandwidth_gb_s"] > 0
+    paths = report["paths"]
+    assert set(paths) == {"onnx-fp32", "onnx-int8", "onnx-int4", "phone-fp32", "phone-8da4w", "eager-fp32"}
+    assert all(p["tok_s"] > 0 and p["bytes_per_token"] > 0 for p in paths.values())
+    # the quantized decoders read fewer bytes per token than fp32
+    assert paths["onnx-int4"]["bytes_per_token"] < paths["onnx-int8"]["bytes_per_token"] < paths["onnx-fp32"]["bytes_per_token"]
+    assert paths["phone-8da4w"]["bytes_per_token"] < paths["phone-fp32"]["bytes_per_token"]

@@ -240,6 +240,26 @@ def test_onnx_backend_refuses_a_phone_bundle(made):
         open_runtime("ort", bundle=made("llava_onevision")[1])
 
 
+def test_bench_executorch_matches_the_pytorch_backend(made, tmp_path, capsys):
+    """`vlsi-edge bench` through ExecuTorch: latency per phase, the decoder's weight bytes from the manifest, and
+    per-item answers equal to the host PyTorch backend's on the same split."""
+    student, bundle = made("llava_onevision")
+    args = ["--data", DATA, "--limit", "6", "--threads", "1", "--timing-tokens", "4"]
+    assert main(["bench", "--bundle", str(bundle), "--backend", "executorch", *args,
+                 "--out", str(tmp_path / "et.json")]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc == json.loads((tmp_path / "et.json").read_text())
+    assert doc["system"]["backend"] == "executorch" and doc["data"]["n"] == 6
+    weights = json.loads((bundle / "manifest.json").read_text())["parts"]["text_decoder"]["weight_bytes"]
+    assert doc["latency"]["roofline"]["weight_bytes"] == weights > 0
+    assert doc["latency"]["stats"]["tpot_ms"]["median"] > 0
+    assert main(["bench", "--model", str(student), "--backend", "torch", *args,
+                 "--out", str(tmp_path / "torch.json")]) == 0
+    ref = json.loads((tmp_path / "torch.json").read_text())
+    assert [i["raw"] for i in doc["items"]] == [i["raw"] for i in ref["items"]]
+    assert doc["system"]["weights_fingerprint"] == ref["system"]["weights_fingerprint"]
+
+
 # matrix tier --------------------------------------------------------------------------------------------------------
 FAMILIES = ["qwen2vl", "llava_onevision", "smolvlm", "qwen2_5vl", "internvl", "gemma3"]
 

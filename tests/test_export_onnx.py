@@ -325,3 +325,53 @@ def test_torch_reference_backend_runs_the_same_loop(student, fp32_bundle):
         b = generate(ort, sample.image, sample.turns[0].text, max_new_tokens=5, keep_logits=True)
         assert a.tokens == b.tokens
         np.testing.assert_allclose(np.stack(a.step_logits), np.stack(b.step_logits), atol=1e-4, rtol=0)
+
+
+def test_bench_ort_reports_latency_and_matches_eval(student, fp32_bundle, tmp_path, capsys):
+    """`vlsi-edge bench` through ONNX Runtime: a readable table and the results JSON as the last stdout line; TTFT is
+    the sum of its phases; the roofline counts the decoder's files; per-item answers, item ids, tokenizer and
+    weights fingerprints equal `vlsi-edge eval`'s on the PyTorch student, so `report` can join them."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--bundle", str(fp32_bundle), "--backend", "ort", "--data", DATA, "--limit", "6",
+                 "--threads", "1", "--timing-tokens", "4", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    doc = json.loads(lines[-1])
+    assert doc == json.loads(out.read_text())
+    assert any(line.strip().startswith("decode_tok_s") for line in lines[:-1])
+    lat = doc["latency"]
+    s = lat["stats"]
+    assert lat["profile"] == "quick" and lat["runs"] == 10 and lat["max_new_tokens"] == 4
+    assert s["ttft_ms"]["mean"] == pytest.approx(s["preprocess_ms"]["mean"] + s["vision_ms"]["mean"]
+                                                 + s["prefill_ms"]["mean"])
+    assert s["decode_tok_s"]["median"] > 0 and lat["peak_rss_mb"] > 50 and lat["load_ms"] > 0
+    decoder_files = sum(p.stat().st_size for p in fp32_bundle.iterdir() if p.name.startswith("text_decoder"))
+    assert lat["roofline"]["weight_bytes"] == decoder_files
+    assert 0 < lat["roofline"]["fraction"] and lat["roofline"]["bandwidth_gb_s"] > 0
+    assert doc["parity"]["passed"] is True
+
+    assert main(["eval", "--model", str(student), "--data", DATA, "--limit", "6", "--batch-size", "1",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    ref = json.loads((tmp_path / "eval.json").read_text())
+    assert [i["raw"] for i in doc["items"]] == [i["raw"] for i in ref["items"]]
+    assert [i["id"] for i in doc["items"]] == [i["id"] for i in ref["items"]]
+    for key in ("weights_fingerprint", "tokenizer_fingerprint"):
+        assert doc["system"][key] == ref["system"][key]
+    assert doc["metrics"]["overall"]["acc"] == ref["metrics"]["overall"]["acc"]
+
+
+def test_bench_refuses_an_ungated_bundle_without_allow_ungated(fp32_bundle, tmp_path, capsys):
+    from vlsi_edge.runtimes.bundle import read_manifest, write_manifest
+
+    ungated = tmp_path / "ungated"
+    shutil.copytree(fp32_bundle, ungated)
+    manifest = read_manifest(ungated)
+    manifest.pop("files")
+    manifest["parity"] = {"mode": "off"}
+    write_manifest(ungated, manifest)
+    out = tmp_path / "r.json"
+    assert main(["bench", "--bundle", str(ungated), "--backend", "ort", "--data", DATA, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--parity off" in err and "--allow-ungated" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert main(["bench", "--bundle", str(ungated), "--backend", "ort", "--data", DATA, "--limit", "2",
+                 "--allow-ungated", "--timing-tokens", "2", "--out", str(out)]) == 0

@@ -73,9 +73,12 @@ def inspect(model: str | None = None, json_out: bool = False, list_presets: bool
     from vlsi_edge.models import load_model, supported_model_types
     from vlsi_edge.models.presets import FAMILY_NAMES, PRESETS
 
+    from vlsi_edge.models import pretrained
+
     if list_presets or model is None:
         info = {"families": list(FAMILY_NAMES), "model_types": supported_model_types(),
-                "presets": [f"builtin:{n}" for n in PRESETS]}
+                "presets": [f"builtin:{n}" for n in PRESETS],
+                "pretrained": [f"builtin:{n}" for n in pretrained.names()]}
         if json_out:
             print(json.dumps(info))
         else:
@@ -85,6 +88,9 @@ def inspect(model: str | None = None, json_out: bool = False, list_presets: bool
             for name, spec in PRESETS.items():
                 print(f"  builtin:{name:34s} {spec.num_layers} layers x {spec.hidden_size}, targets "
                       f"{list(spec.target_layers)}, {spec.image_size}px")
+            for name in pretrained.names():
+                acc = pretrained.record(name).get("test_accuracy")
+                print(f"  builtin:{name:34s} shipped weights" + (f", test accuracy {acc:.3f}" if acc else ""))
         return 0
     m = load_model(model)
     total = sum(p.numel() for p in m.model.parameters())
@@ -141,7 +147,7 @@ def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: in
 def eval(model: str, data: str, out: str, split: str = "test", batch_size: int = 16, max_new_tokens: int = 8,
          limit: int | None = None, image_root: str | None = None, skip_bad_samples: bool = False,
          dtype: Literal["float32", "bfloat16", "float16"] = "float32", device: str = "cpu",
-         name: str | None = None) -> int:
+         name: str | None = None, role: Literal["teacher", "student"] | None = None) -> int:
     """Greedy per-item predictions of a PyTorch model on a split, with accuracy and 95% CIs (results JSON).
 
     Args:
@@ -157,13 +163,14 @@ def eval(model: str, data: str, out: str, split: str = "test", batch_size: int =
         dtype: model dtype
         device: torch device
         name: the system's name in reports (default: derived from --model)
+        role: the system's role in reports (default: teacher when its name says so, else student)
     """
     _require_host("eval")
     from vlsi_edge.evaluate import evaluate
 
     evaluate(model=model, data=data, out=Path(out), split=split, batch_size=batch_size,
              max_new_tokens=max_new_tokens, limit=limit, image_root=image_root, skip_bad=skip_bad_samples,
-             dtype=dtype, device=device, name=name)
+             dtype=dtype, device=device, name=name, role=role)
     return 0
 
 
@@ -340,7 +347,87 @@ def verify(bundle: str) -> int:
     return 0
 
 
-VERBS = {"inspect": inspect, "train": train, "distill": distill, "eval": eval, "export": export, "verify": verify}
+def bench(data: str = "builtin:shapes", backend: Literal["ort", "tensorrt", "executorch", "torch"] = "ort",
+          bundle: str | None = None, model: str | None = None, out: str | None = None, split: str = "test",
+          profile: Literal["quick", "full"] = "quick", limit: int | None = None, max_new_tokens: int = 8,
+          timing_tokens: int | None = None, threads: int | None = None, allow_ungated: bool = False,
+          emit_phone_kit: str | None = None, overwrite: bool = False) -> int:
+    """Latency (BENCH.md) and per-item accuracy of a bundle on this device, in the versioned results schema.
+
+    Args:
+        data: the dataset whose split is scored (its first items are the timing prompts)
+        backend: ort, tensorrt or executorch for a bundle; torch for a PyTorch model (--model)
+        bundle: the bundle folder to run (from `vlsi-edge export`)
+        model: with --backend torch: the PyTorch model (RUN/student, a checkpoint folder or builtin:NAME)
+        out: where to write the results JSON (it is also the last line on stdout)
+        split: which split of --data to score
+        profile: quick (10 timed runs) or full (>= 20 runs and >= 60 s)
+        limit: score only the first N items
+        max_new_tokens: answer length limit when scoring
+        timing_tokens: tokens per timing run (EOS ignored; default 16 quick, 64 full)
+        threads: CPU threads for the backend (default: the backend's own choice)
+        allow_ungated: accept a bundle exported with --parity off (speed-only benchmarks)
+        emit_phone_kit: instead of benchmarking here, write an Android run kit for this phone bundle to this folder
+        overwrite: with --emit-phone-kit: replace an existing kit folder
+    """
+    if emit_phone_kit:
+        if not bundle:
+            raise UserError("--emit-phone-kit needs --bundle (a phone bundle)")
+        from vlsi_edge.benchmarks.phone_kit import emit_phone_kit as emit
+
+        kit = emit(Path(bundle), data, Path(emit_phone_kit), split=split, limit=limit,
+                   max_new_tokens=max_new_tokens, overwrite=overwrite)
+        print(f"wrote phone kit {kit}: see {kit / 'README.md'}")
+        return 0
+    if backend == "torch":
+        _require_host("bench --backend torch")
+    from vlsi_edge.benchmarks.bench import bench as run, format_table, main_json_line
+
+    doc = run(backend, data, out=Path(out) if out else None, bundle=bundle, model=model, split=split, profile=profile,
+              limit=limit, max_new_tokens=max_new_tokens, timing_tokens=timing_tokens, threads=threads,
+              allow_ungated=allow_ungated, log=_stderr_log)
+    print(format_table(doc))
+    print(main_json_line(doc))
+    return 0
+
+
+def demo(out: str = "demo-out", workers: int | None = None) -> int:
+    """The whole pipeline on the built-in tiny models and data: distill, export, bench, report (<= 10 min, 2 cores).
+
+    Args:
+        out: folder for the data, runs, bundles, results, logs and report (replaced if it exists)
+        workers: jobs at a time (default: up to 2, one thread each)
+    """
+    _require_host("demo")
+    from vlsi_edge.demo import run_demo
+
+    run_demo(Path(out), workers=workers)
+    return 0
+
+
+def _stderr_log(*args, file=None, **kwargs) -> None:
+    print(*args, file=sys.stderr, **kwargs)
+
+
+def report(inputs: list[str], /, out: str, run: str | None = None, teacher: str | None = None,
+           overwrite: bool = False) -> int:
+    """Join results JSONs (eval, bench, phone runs) by item id into OUT/report.md, report.html and report.json.
+
+    Args:
+        inputs: results JSON files (`eval`, `bench`), or collected phone-run folders
+        out: folder to create for report.md, report.html (self-contained, with plots) and report.json
+        run: a distillation run folder; its matching.json becomes the layer-matching heatmap
+        teacher: the teacher's system name (default: the input whose system.role is teacher)
+        overwrite: replace an existing --out
+    """
+    from vlsi_edge.benchmarks.report import write_report
+
+    print(write_report(inputs, Path(out), run=Path(run) if run else None, teacher=teacher, overwrite=overwrite))
+    return 0
+
+
+VERBS = {"inspect": inspect, "train": train, "distill": distill, "eval": eval, "export": export, "verify": verify,
+         "bench": bench, "report": report, "demo": demo}
 GROUPS = {"data": {"synth": data_synth}}
 
 

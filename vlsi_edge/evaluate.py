@@ -17,7 +17,8 @@ from vlsi_edge.errors import DataError
 
 def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: int = 16, max_new_tokens: int = 8,
              limit: int | None = None, image_root: str | None = None, skip_bad: bool = False,
-             dtype: str = "float32", device: str = "cpu", name: str | None = None, log=print) -> dict:
+             dtype: str = "float32", device: str = "cpu", name: str | None = None, role: str | None = None,
+             log=print) -> dict:
     import torch
 
     from vlsi_edge.data.answers import score
@@ -26,7 +27,8 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
     from vlsi_edge.data.scoring import summarize
     from vlsi_edge.fileio import write_json_atomic
     from vlsi_edge.models import load_model
-    from vlsi_edge.results import make_results
+    from vlsi_edge.distill.verbalizer import fingerprint
+    from vlsi_edge.results import make_results, tokenizer_fingerprint
 
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
         raise DataError("--batch-size, --max-new-tokens and --limit must be >= 1")
@@ -60,8 +62,11 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
                 log(f"eval {len(items)}/{len(samples)}", file=sys.stderr)  # every tenth of the way
     seconds = time.perf_counter() - t0
     metrics = summarize(items)
-    system = {"name": name or Path(str(model)).name.removeprefix("builtin:"), "model": adapter.source,
-              "family": adapter.family, "backend": "torch", "precision": dtype, "device": device}
+    name = name or Path(str(model)).name.removeprefix("builtin:")
+    system = {"name": name, "role": role or ("teacher" if "teacher" in name else "student"),
+              "model": adapter.source, "family": adapter.family, "backend": "torch", "precision": dtype,
+              "device": device, "weights_fingerprint": fingerprint(adapter.model),
+              "tokenizer_fingerprint": tokenizer_fingerprint(tok.backend_tokenizer.to_str())}
     doc = make_results("eval", system, {"spec": data, "split": split}, items, metrics,
                        timing={"seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)},
                        skipped=dict(dataset.skipped))

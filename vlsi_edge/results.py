@@ -27,6 +27,12 @@ def ids_fingerprint(ids) -> str:
     return hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()
 
 
+def tokenizer_fingerprint(tokenizer_json: str) -> str:
+    """A hash of a tokenizer's vocabulary and merges (its `model` section), the same whether the file was saved
+    pretty or compact: two systems whose answers are compared must read the same token ids."""
+    return hashlib.sha256(json.dumps(json.loads(tokenizer_json)["model"], sort_keys=True).encode()).hexdigest()
+
+
 def library_versions(names=("numpy", "PIL", "tokenizers", "torch", "transformers", "onnxruntime", "executorch")):
     from importlib import metadata
 

@@ -68,8 +68,17 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
     quiet_transformers()
     spec = str(spec)
     if spec.startswith("builtin:"):
+        from vlsi_edge.models import pretrained
         from vlsi_edge.models.presets import build_preset
 
+        name = spec.removeprefix("builtin:")
+        if pretrained.is_pretrained(name):
+            folder = pretrained.checkpoint_dir(name)
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+            vlm = VLM.from_pretrained(adapter_for_model_type(model_type, str(folder)), folder, dtype=dtype,
+                                      device=device)
+            vlm.source = spec
+            return vlm
         return build_preset(spec.removeprefix("builtin:"), dtype=dtype, device=device)
     path = Path(spec).expanduser()
     if path.exists():
