@@ -249,12 +249,22 @@ def _export(module: nn.Module, example: tuple, dynamic=None):
         return torch.export.export(module.eval(), example, dynamic_shapes=dynamic, strict=True)
 
 
+def _nbytes(t: torch.Tensor) -> float:
+    """Bytes a tensor occupies once lowered: torchao's quantized weights count their parts (values, scales, zero
+    points), at the bits of their target dtype (int4 travels unpacked in int8 until XNNPACK packs it)."""
+    if hasattr(t, "__tensor_flatten__") and type(t) not in (torch.Tensor, nn.Parameter):
+        names, meta = t.__tensor_flatten__()
+        bits = {torch.int4: 4}.get((meta or {}).get("target_dtype"))
+        return sum(_nbytes(getattr(t, n)) * (bits / 8 if n == "qdata" and bits else 1) for n in names)
+    return t.numel() * t.element_size()
+
+
 def _weight_bytes(program) -> int:
     """Bytes of a method's weights and constants, its mutable state (the KV cache) left out: what one call reads."""
     mutated = set(program.graph_signature.buffers_to_mutate.values())
     tensors = [t for name, t in program.state_dict.items() if name not in mutated]
     tensors += [t for t in program.constants.values() if isinstance(t, torch.Tensor)]
-    return int(sum(t.numel() * t.element_size() for t in tensors))
+    return int(sum(_nbytes(t) for t in tensors))
 
 
 def write_program(vlm, root: Path, precisions: dict, max_seq_len: int) -> dict:

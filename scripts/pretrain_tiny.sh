@@ -10,8 +10,7 @@
 #   alone, and leaves it after ~1,000 steps with the curriculum (student: colour 51%, count 34%, pattern 36% at
 #   1,000 steps);
 # - AdamW lr 1e-3, 200 warm-up steps, cosine to 1e-5, batch 16, full fine-tuning, fp32 on CPU;
-# - student 3,000 steps (~0.4 s/step on one thread), teacher 3,000 steps (~2 s/step on one thread);
-# - teacher phase 2: 3,000 more steps from phase 1 on fresh pretrain items (seed 1), lr 5e-4, 100 warm-up steps.
+# - student 3,000 steps (~0.4 s/step on one thread), teacher 3,000 steps (~2 s/step on one thread).
 # Then `python scripts/ship_pretrained.py OUT_DIR` copies both into the package with checksums and accuracies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,15 +28,7 @@ for role in student teacher; do
     --split pretrain --out "$run" --steps "$STEPS" --batch-size 16 --lr 1e-3 \
     --set optim.warmup_steps=200 train.checkpoint_every=250 "${resume[@]}"
 done
-run="$OUT/teacher2"
-resume=()
-[ -f "$run/state/latest.json" ] && resume=(--resume)
-if [ ! -d "$run/student" ]; then
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$BIN/vlsi-edge" train --model "$OUT/teacher/student" \
-    --data "builtin:shapes:n_pretrain=30000,seed=1" --split pretrain --out "$run" --steps "$STEPS" --batch-size 16 \
-    --lr 5e-4 --set optim.warmup_steps=100 train.checkpoint_every=250 "${resume[@]}"
-fi
-for role in student teacher2; do
+for role in student teacher; do
   "$BIN/vlsi-edge" eval --model "$OUT/$role/student" --data "$DATA" --split test --name "tiny-$role" \
     --out "$OUT/$role-test.json"
 done

@@ -1,6 +1,6 @@
 """Copy the checkpoints made by scripts/pretrain_tiny.sh into the package, with checksums and their test accuracies.
 
-    python scripts/ship_pretrained.py pretrain-out   # reads pretrain-out/{student,teacher2}/student + *-test.json
+    python scripts/ship_pretrained.py pretrain-out   # reads pretrain-out/{student,teacher}/student + *-test.json
 
 Writes vlsi_edge/assets/pretrained/<name>/ (weights and tokenizer files, as the run saved them) and
 vlsi_edge/assets/pretrained/manifest.json, which `load_model("builtin:<name>")` checks at every load.
@@ -29,7 +29,8 @@ def main() -> None:
     args = ap.parse_args()
     recipe = (Path(__file__).parent / "pretrain_tiny.sh").read_text()
     models = {}
-    for role, run in (("student", "student"), ("teacher", "teacher2")):   # the teacher's run has two phases
+    for role in ("student", "teacher"):
+        run = role
         name = f"tiny-qwen2vl-{role}-pretrained"
         src = args.out / run / "student"
         doc = json.loads((args.out / f"{run}-test.json").read_text())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -63,7 +64,8 @@ class _Jobs:
         return seconds
 
     def run(self, stage: str, jobs: dict[str, list[str]]) -> None:
-        print(f"{stage} ({len(jobs)} job{'s' * (len(jobs) > 1)}, {self.workers} at a time)", flush=True)
+        many = f" ({len(jobs)} jobs, {self.workers} at a time)" if len(jobs) > 1 else ""
+        print(stage + many, flush=True)
         with ThreadPoolExecutor(self.workers) as pool:
             futures = [pool.submit(self._one, label, argv) for label, argv in jobs.items()]
             for f in futures:
@@ -82,7 +84,8 @@ def run_demo(out: Path, workers: int | None = None, overwrite: bool = True) -> d
     out.mkdir(parents=True, exist_ok=True)
     jobs = _Jobs(out, workers or min(2, os.cpu_count() or 1))
     data, runs, results, bundles = out / "shapes", out / "runs", out / "results", out / "bundles"
-    results.mkdir(exist_ok=True)
+    shutil.rmtree(results, ignore_errors=True)       # the report reads every results file here: no stale ones
+    results.mkdir()
     sizes = [f"--n-{k.removeprefix('n_').replace('_', '-')}={v}" for k, v in SIZES.items()]
     steps = ",".join(f"{k}={v}" for k, v in STEPS.items())
     common = ["--data", str(data), "--batch-size", str(BATCH), "--overwrite"]
