@@ -260,10 +260,16 @@ def _nbytes(t: torch.Tensor) -> float:
 
 
 def _weight_bytes(program) -> int:
-    """Bytes of a method's weights and constants, its mutable state (the KV cache) left out: what one call reads."""
-    mutated = set(program.graph_signature.buffers_to_mutate.values())
-    tensors = [t for name, t in program.state_dict.items() if name not in mutated]
-    tensors += [t for t in program.constants.values() if isinstance(t, torch.Tensor)]
+    """Bytes of the weights and constants a method's graph reads, its mutable state (the KV cache) left out. The
+    state dict also holds parameters of the wrapped model that the graph never touches (the decoder wrapper keeps
+    the embedding table), so only tensors whose graph inputs have users count."""
+    sig = program.graph_signature
+    read = {n.name for n in program.graph.nodes if n.op == "placeholder" and n.users}
+    bound = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    used = {name for node, name in bound.items() if node in read} - set(sig.buffers_to_mutate.values())
+    constants = {name for node, name in sig.inputs_to_lifted_tensor_constants.items() if node in read}
+    tensors = [t for name, t in program.state_dict.items() if name in used]
+    tensors += [t for name, t in program.constants.items() if name in constants and isinstance(t, torch.Tensor)]
     return int(sum(_nbytes(t) for t in tensors))
 
 

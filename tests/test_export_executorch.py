@@ -240,6 +240,31 @@ def test_onnx_backend_refuses_a_phone_bundle(made):
         open_runtime("ort", bundle=made("llava_onevision")[1])
 
 
+def test_weight_bytes_count_what_the_graph_reads_at_the_quantized_width():
+    """The roofline's bytes per token: unused parameters are left out, torchao weights count values + scales + zero
+    points, and int4 values count 4 bits (they travel unpacked in int8 until XNNPACK packs them)."""
+    import torch
+    from torch import nn
+
+    from vlsi_edge.export.executorch_export import _weight_bytes, quantize
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Embedding(1000, 64)
+            self.linear = nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    module, x = Head(), torch.randn(1, 64)
+    size = {p: _weight_bytes(torch.export.export(quantize(module, p), (x,))) for p in ("fp32", "8da8w", "8da4w")}
+    bias = 64 * 4
+    assert size["fp32"] == 64 * 64 * 4 + bias
+    assert 64 * 64 + bias < size["8da8w"] < 64 * 64 * 1.2 + bias              # int8 values + per-row scales
+    assert 64 * 64 // 2 + bias < size["8da4w"] < size["8da8w"]                 # 4-bit values + group scales
+
+
 def test_bench_executorch_matches_the_pytorch_backend(made, tmp_path, capsys):
     """`vlsi-edge bench` through ExecuTorch: latency per phase, the decoder's weight bytes from the manifest, and
     per-item answers equal to the host PyTorch backend's on the same split."""
