@@ -115,10 +115,16 @@ def weight_matmuls(path: Path) -> list[str]:
 
     model = onnx.load(str(path), load_external_data=False)
     weights = {init.name for init in model.graph.initializer}
-    producer = {out: n.op_type for n in model.graph.node for out in n.output}
+    producer = {out: n for n in model.graph.node for out in n.output}
+
+    def gated(name: str) -> bool:   # act(gate) * up: a Mul fed by a weight matmul (RMSNorm's Mul is fed by none)
+        node = producer.get(name)
+        return node is not None and node.op_type == "Mul" and any(
+            producer.get(i) is not None and producer[i].op_type in ("MatMul", "Gemm") for i in node.input)
+
     return [n.name for n in model.graph.node
             if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights and "logits" not in n.output
-            and producer.get(n.input[0]) != "Mul"]
+            and not gated(n.input[0])]
 
 
 def quantize_int8_qdq(path: Path, calibration: list[dict[str, np.ndarray]]) -> list[str]:
