@@ -204,7 +204,7 @@ def test_verify_catches_damage(fp32_bundle, tmp_path, capsys):
 
 
 def test_ort_generation_without_torch_or_transformers(fp32_bundle, tmp_path):
-    """The device path: numpy, Pillow, tokenizers and onnxruntime only."""
+    """The device path (generation, and `vlsi-edge bench`): numpy, Pillow, tokenizers and onnxruntime only."""
     from vlsi_edge.data.conversations import open_dataset
 
     sample = list(open_dataset(DATA, split="test"))[0]
@@ -221,11 +221,15 @@ def test_ort_generation_without_torch_or_transformers(fp32_bundle, tmp_path):
         out = generate(rt, {str(sample.image)!r}, {sample.turns[0].text!r}, max_new_tokens=4)
         assert "torch" not in sys.modules and "transformers" not in sys.modules
         print("TOKENS", out.tokens)
+        from vlsi_edge.cli import main                     # `vlsi-edge bench` on the device, too
+        assert main(["bench", "--bundle", {str(fp32_bundle)!r}, "--backend", "ort", "--data", {DATA!r},
+                     "--limit", "2", "--timing-tokens", "2", "--out", {str(tmp_path / "r.json")!r}]) == 0
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "TOKENS [" in proc.stdout
+    assert "TOKENS [" in proc.stdout and json.loads((tmp_path / "r.json").read_text())["data"]["n"] == 2
 
 
 @pytest.mark.parametrize("args, words", [
