@@ -18,6 +18,7 @@ from vlsi_edge.errors import ModelError
 
 FAMILIES: dict[str, type] = {}
 _MODEL_TYPES: dict[str, str] = {}
+WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 _ADAPTER_MODULES = ("qwen2vl", "qwen2_5vl", "llava_onevision", "smolvlm", "internvl", "gemma3")
 
 
@@ -93,7 +94,11 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu"):
             model_type = json.loads(cfg.read_text()).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelError(f"{cfg} is not valid JSON ({e})") from None
-        return VLM.from_pretrained(adapter_for_model_type(model_type, str(path)), path, dtype=dtype, device=device)
+        adapter = adapter_for_model_type(model_type, str(path))
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise ModelError(f"{path} holds no weights (expected model.safetensors, sharded model-*.safetensors with "
+                             "their index, or pytorch_model.bin)", "pass the folder save_pretrained wrote in full")
+        return VLM.from_pretrained(adapter, path, dtype=dtype, device=device)
     if spec.count("/") == 1 and not spec.startswith((".", "/")):
         return _load_hub(spec, dtype, device)
     raise ModelError(f"model {spec!r} not found: not a builtin preset, a folder, or a hub id",

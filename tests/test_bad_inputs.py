@@ -1,0 +1,196 @@
+"""The bad-input corpus (tests/data/bad_inputs.json): every case runs one `vlsi-edge` command in-process on an input
+its recipe builds, and must exit with the expected code, say what is wrong in one line (holding `expect`), print
+no traceback, and leave nothing at its output path."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vlsi_edge.cli import main
+
+CORPUS = json.loads((Path(__file__).parent / "data" / "bad_inputs.json").read_text())["cases"]
+
+
+def _conversation(image: str = "img.png") -> dict:
+    return {"id": "a", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the circle? Answer with one word."},
+        {"from": "gpt", "value": "red"}]}
+
+
+def _data_file(tmp: Path, image_name: str = "img.png", **record) -> Path:
+    path = tmp / "data.json"
+    path.write_text(json.dumps([{**_conversation(image_name), **record}]))
+    return path
+
+
+def _image(tmp: Path, kind: str) -> Path:
+    if kind == "zero_byte":
+        (tmp / "img.png").write_bytes(b"")
+    elif kind == "truncated_png":
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp / "full.png")
+        data = (tmp / "full.png").read_bytes()
+        (tmp / "img.png").write_bytes(data[: len(data) // 2])
+    elif kind == "truncated_jpeg":
+        Image.effect_noise((128, 128), 60).convert("RGB").save(tmp / "full.jpg", quality=90)
+        data = (tmp / "full.jpg").read_bytes()
+        (tmp / "img.jpg").write_bytes(data[: len(data) // 2])
+        return _data_file(tmp, "img.jpg")
+    elif kind == "text":
+        (tmp / "img.png").write_text("not an image at all")
+    elif kind == "huge":      # a PNG header claiming 100000 x 100000 pixels (decompression-bomb guard)
+        import struct
+        import zlib
+
+        def chunk(tag: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+        ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+        (tmp / "img.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return _data_file(tmp)
+
+
+def _bundle(tmp: Path, kind: str) -> Path:
+    """A small valid-looking bundle folder written by the real manifest writer, then damaged."""
+    from vlsi_edge.runtimes.bundle import read_manifest, write_manifest
+
+    root = tmp / "bundle"
+    root.mkdir()
+    for name in ("vision_encoder.onnx", "token_embedding.onnx", "text_decoder.onnx", "tokenizer.json",
+                 "generation.json", "preprocess.json"):
+        (root / name).write_text("{}")
+    parts = {n: {"file": f"{n}.onnx", "precision": "fp32", "inputs": [], "outputs": []}
+             for n in ("vision_encoder", "token_embedding", "text_decoder")}
+    write_manifest(root, {"target": "onnx", "parts": parts, "model": {"family": "qwen2vl"}, "tools": {}})
+    if kind == "no_manifest":
+        (root / "manifest.json").unlink()
+    elif kind == "missing_part":
+        (root / "text_decoder.onnx").unlink()
+    elif kind == "modified":
+        (root / "tokenizer.json").write_text('{"changed": true}')
+    elif kind in ("escape", "future"):
+        manifest = read_manifest(root) if kind == "escape" else json.loads((root / "manifest.json").read_text())
+        if kind == "escape":
+            manifest["parts"]["text_decoder"]["file"] = "../outside.onnx"
+            (root / "manifest.json").write_text(json.dumps(manifest))
+        else:
+            manifest["format_version"] = 99
+            (root / "manifest.json").write_text(json.dumps(manifest))
+    elif kind == "bad_manifest":
+        (root / "manifest.json").write_text("{ not json")
+    return root
+
+
+def _results(tmp: Path, kind: str) -> Path:
+    from vlsi_edge.results import make_results
+
+    path = tmp / "r.json"
+    if kind == "garbage":
+        path.write_text("[1, 2")
+        return path
+    doc = make_results("eval", {"name": "x"}, {"spec": "d", "split": "test"}, [], {})
+    if kind == "other_schema":
+        doc["schema"] = "someone-else/results"
+    else:
+        doc["schema_version"] = 0
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def build(recipe: str, tmp: Path) -> Path | None:
+    group, _, kind = recipe.partition(":")
+    if group == "none":
+        return None
+    if group == "data":
+        path = tmp / "data.json"
+        if kind == "empty":
+            path.write_text("")
+        elif kind == "garbage":
+            path.write_text("{this is not json")
+        elif kind == "jsonl_bad_line":
+            path = tmp / "data.jsonl"
+            Image.new("RGB", (32, 32)).save(tmp / "img.png")
+            path.write_text(json.dumps(_conversation()) + "\n{broken\n")
+        elif kind == "no_conversations":
+            Image.new("RGB", (32, 32)).save(tmp / "img.png")
+            path.write_text(json.dumps([{"id": "a", "image": "img.png"}]))
+        elif kind == "image_escape":
+            path = _data_file(tmp, "../../etc/passwd")
+        elif kind == "image_missing":
+            path = _data_file(tmp, "ghost.png")
+        return path
+    if group == "image":
+        return _image(tmp, kind)
+    if group == "config":
+        path = tmp / "cfg.yaml"
+        path.write_text({"unknown_key": "nonsense: 1\n", "wrong_type": "train:\n  batch_size: many\n",
+                         "negative": "optim:\n  lr: -0.1\n", "garbage": "train: [unclosed\n"}[kind])
+        return path
+    if group == "model":
+        folder = tmp / "model"
+        if kind == "file":
+            folder.write_text("weights?")
+            return folder
+        folder.mkdir()
+        if kind == "bad_config":
+            (folder / "config.json").write_text("{oops")
+        elif kind == "wrong_family":
+            (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        elif kind == "missing_weights":
+            from vlsi_edge.models import load_model
+
+            load_model("builtin:tiny-qwen2vl-student").save_pretrained(folder)
+            for p in folder.glob("*.safetensors"):
+                p.unlink()
+        return folder
+    if group == "out":
+        folder = tmp / "outdir"
+        folder.mkdir()
+        if kind == "readonly":
+            folder.chmod(0o500)
+        else:
+            (folder / "something.txt").write_text("keep me")
+        return folder
+    if group == "bundle":
+        return _bundle(tmp, kind)
+    if group == "results":
+        return _results(tmp, kind)
+    raise ValueError(recipe)
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c["id"] for c in CORPUS])
+def test_bad_input(case, tmp_path, capsys):
+    if case["recipe"] == "out:readonly" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders: the not-writable case needs an unprivileged user")
+    file = build(case["recipe"], tmp_path)
+    out = tmp_path / "out"
+    fill = {"{tmp}": str(tmp_path), "{out}": str(out), "{file}": str(file)}
+
+    def sub(s: str) -> str:
+        for k, v in fill.items():
+            s = s.replace(k, v)
+        return s
+
+    argv = [sub(a) for a in case["argv"]]
+    try:
+        code = main(argv)
+    except SystemExit as exc:        # argparse errors
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == case.get("exit", 2), err
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert case["expect"] in err, err
+    watched = case.get("out", "{out}")
+    if watched is not None:
+        assert not Path(sub(watched)).exists(), f"{sub(watched)} was left behind"
+    if case["recipe"] == "out:exists":
+        assert (file / "something.txt").read_text() == "keep me"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and "tmp" in p.name]
+    assert not leftovers, leftovers
+    if file is not None and file.is_dir():
+        shutil.rmtree(file, ignore_errors=True)
