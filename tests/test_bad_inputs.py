@@ -1,6 +1,7 @@
 """The bad-input corpus (tests/data/bad_inputs.json): every case runs one `vlsi-edge` command in-process on an input
 its recipe builds, and must exit with the expected code, say what is wrong in one line (holding `expect`), print
-no traceback, and leave nothing at its output path."""
+no traceback, and leave nothing at its output path. Odd but valid inputs (CMYK, 16-bit, palette with transparency,
+animated images) expect exit 0: they are converted and used."""
 from __future__ import annotations
 
 import json
@@ -42,6 +43,20 @@ def _image(tmp: Path, kind: str) -> Path:
         return _data_file(tmp, "img.jpg")
     elif kind == "text":
         (tmp / "img.png").write_text("not an image at all")
+    elif kind == "cmyk":
+        Image.new("CMYK", (64, 64), (0, 200, 200, 0)).save(tmp / "img.jpg")
+        return _data_file(tmp, "img.jpg")
+    elif kind == "16bit":
+        Image.new("I;16", (64, 64), 40000).save(tmp / "img.png")
+    elif kind == "palette_alpha":
+        im = Image.new("P", (64, 64), 1)
+        im.putpalette([255, 255, 255, 200, 20, 20] + [0] * 762)
+        im.info["transparency"] = 0
+        im.save(tmp / "img.png", transparency=0)
+    elif kind == "animated":
+        frames = [Image.new("RGB", (64, 64), c) for c in ((200, 20, 20), (20, 200, 20))]
+        frames[0].save(tmp / "img.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        return _data_file(tmp, "img.gif")
     elif kind == "huge":      # a PNG header claiming 100000 x 100000 pixels (decompression-bomb guard)
         import struct
         import zlib
@@ -183,6 +198,9 @@ def test_bad_input(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == case.get("exit", 2), err
     assert "Traceback" not in err
+    if code == 0:                     # odd but valid input: converted and used, the result written
+        assert out.exists()
+        return
     assert len(err.splitlines()) == 1, err
     assert case["expect"] in err, err
     watched = case.get("out", "{out}")
