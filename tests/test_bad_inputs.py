@@ -212,3 +212,47 @@ def test_bad_input(case, tmp_path, capsys):
     assert not leftovers, leftovers
     if file is not None and file.is_dir():
         shutil.rmtree(file, ignore_errors=True)
+
+
+def _blank_png(path: Path, width: int, height: int) -> None:
+    """A real, fully decodable white RGB PNG of any size, written row by row (a 20000 x 20000 one is ~1 MB)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    packer, row, parts = zlib.compressobj(9), b"\x00" + b"\xff" * (3 * width), []
+    for _ in range(height):
+        parts.append(packer.compress(row))
+    parts.append(packer.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side, code", [(20_000, 2), (6_000, 0)])
+def test_huge_images_are_refused_or_resized_within_bounded_memory(side, code, tmp_path):
+    """A 20000 x 20000 image (400 M pixels) is refused from its header; a 6000 x 6000 one (36 M pixels, under the
+    limit) is decoded and resized. Either way the process's peak RSS stays under 1.5 GB (measured)."""
+    import subprocess
+    import sys
+
+    _blank_png(tmp_path / "img.png", side, side)
+    data = _data_file(tmp_path)
+    script = (
+        "import resource, sys\n"
+        "from vlsi_edge.cli import main\n"
+        f"code = main(['eval', '--model', 'builtin:tiny-qwen2vl-student', '--data', {str(data)!r}, "
+        f"'--out', {str(tmp_path / 'r.json')!r}])\n"
+        "print('PEAK_MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == code, proc.stderr[-1500:]
+    peak = float(proc.stdout.split("PEAK_MB")[-1])
+    assert peak < 1536, f"peak RSS {peak:.0f} MB"
+    if code == 2:
+        assert "40,000,000 pixels" in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / "r.json").exists()
+    else:
+        assert json.loads((tmp_path / "r.json").read_text())["data"]["n"] == 1
