@@ -53,12 +53,28 @@ def save_checkpoint(state_dir: Path, name: str, tensors: dict[str, torch.Tensor]
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(state_dir)
-    except BaseException:
+    except BaseException as exc:
+        why = _write_failure(exc, state_dir) if isinstance(exc, (OSError, RuntimeError)) else None
         shutil.rmtree(tmp, ignore_errors=True)
+        if why is not None:         # torch.save reports a full disk as a RuntimeError, safetensors as an OSError
+            raise UserError(f"could not write checkpoint {name} in {state_dir} ({why}); the last good checkpoint "
+                            "is kept", "free space (or fix the folder), then rerun with --resume") from None
         raise
     write_json_atomic(state_dir / LATEST, {"name": name})
     _prune(state_dir, keep=keep, protect=name)
     return final
+
+
+def _write_failure(exc: BaseException, where: Path) -> str:
+    """Why a write failed, in the user's words: a full disk is named as such whichever library noticed it."""
+    try:
+        if shutil.disk_usage(where).free < (1 << 20):
+            return "No space left on device"
+    except OSError:
+        pass
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
 
 
 def _prune(state_dir: Path, keep: int, protect: str) -> None:
