@@ -37,6 +37,20 @@ N_PROMPTS = 4            # timing prompts: the split's first items, cycled
 LATENCY_KEYS = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "tpot_ms", "decode_tok_s", "e2e_ms")
 
 
+def image_samples(data: str, split: str, limit: int | None, purpose: str, images_only: str) -> list:
+    """The split's first `limit` samples, validated; every one must carry an image (bench and the phone kit)."""
+    from vlsi_edge.data.conversations import open_dataset
+
+    dataset = open_dataset(data, split=split)
+    dataset.validate()
+    samples = [s for _, s in zip(range(limit or 1 << 62), dataset)]
+    if not samples:
+        raise UserError(f"{data} split {split!r} has no samples {purpose}")
+    if any(s.image is None for s in samples):
+        raise UserError(f"{data} split {split!r} has items without an image", images_only)
+    return samples
+
+
 def summary(values) -> dict:
     v = np.asarray(list(values), dtype=np.float64)
     if v.size == 0:
@@ -209,7 +223,6 @@ def bench(backend: str, data: str, out: Path | None = None, bundle: str | None =
           timing_tokens: int | None = None, threads: int | None = None, allow_ungated: bool = False,
           log=print) -> dict:
     """Measure one bundle (or PyTorch model) and return the results document (also written to `out`)."""
-    from vlsi_edge.data.conversations import open_dataset
     from vlsi_edge.data.scoring import summarize
     from vlsi_edge.fileio import write_json_atomic
     from vlsi_edge.results import make_results
@@ -220,13 +233,7 @@ def bench(backend: str, data: str, out: Path | None = None, bundle: str | None =
         raise UserError("--limit and --max-new-tokens must be >= 1 and --timing-tokens >= 2")
     prof = PROFILES[profile]
     timing_tokens = timing_tokens or prof["max_new_tokens"]
-    dataset = open_dataset(data, split=split)
-    dataset.validate()
-    samples = [s for _, s in zip(range(limit or 1 << 62), dataset)]
-    if not samples:
-        raise UserError(f"{data} split {split!r} has no samples to benchmark")
-    if any(s.image is None for s in samples):
-        raise UserError(f"{data} split {split!r} has items without an image", "bench measures image questions only")
+    samples = image_samples(data, split, limit, "to benchmark", "bench measures image questions only")
 
     rt, system, load, size_mb, weight_bytes, parity = _open(backend, bundle, model, threads, allow_ungated)
     facts = device_facts(threads)

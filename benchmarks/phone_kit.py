@@ -76,16 +76,9 @@ def _split_prompt(bundle, token: str, question: str) -> tuple[str, str]:
 
 
 def _samples(data: str, split: str, limit: int | None) -> list:
-    from vlsi_edge.data.conversations import open_dataset
+    from vlsi_edge.benchmarks.bench import image_samples
 
-    dataset = open_dataset(data, split=split)
-    dataset.validate()
-    samples = [s for _, s in zip(range(limit or 1 << 62), dataset)]
-    if not samples:
-        raise UserError(f"{data} split {split!r} has no samples for a phone kit")
-    if any(s.image is None for s in samples):
-        raise UserError(f"{data} split {split!r} has items without an image", "a phone kit runs image questions only")
-    return samples
+    return image_samples(data, split, limit, "for a phone kit", "a phone kit runs image questions only")
 
 
 def emit_phone_kit(bundle: Path, data: str, out: Path, split: str = "test", limit: int | None = None,
