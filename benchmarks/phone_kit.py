@@ -27,10 +27,8 @@ binding on the kit's own files). Torch-free.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +85,7 @@ def emit_phone_kit(bundle: Path, data: str, out: Path, split: str = "test", limi
     from PIL import Image
     from tokenizers import Tokenizer
 
-    from vlsi_edge.fileio import publish_dir
+    from vlsi_edge.fileio import publish_dir, staging_dir
     from vlsi_edge.runtimes.bundle import open_bundle
     from vlsi_edge.runtimes.preprocess import load_image
 
@@ -108,7 +106,7 @@ def emit_phone_kit(bundle: Path, data: str, out: Path, split: str = "test", limi
     name = bundle.resolve().name
     image_token = Tokenizer.from_file(str(b.path("tokenizer.json"))).id_to_token(b.generation["image_token_id"])
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = staging_dir(out)
     try:
         push = tmp / "push"
         (push / "images").mkdir(parents=True)

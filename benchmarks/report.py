@@ -14,15 +14,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 
 from vlsi_edge.data.scoring import mcnemar, paired_bootstrap, summarize
 from vlsi_edge.errors import UserError
-from vlsi_edge.fileio import publish_dir
+from vlsi_edge.fileio import publish_dir, staging_dir
 from vlsi_edge.results import SCHEMA, SCHEMA_VERSION, read_results
 
 LATENCY = {"preprocess_ms": "preprocess ms", "vision_ms": "vision ms", "prefill_ms": "prefill ms",
@@ -605,8 +603,7 @@ def write_report(inputs, out, run=None, teacher: str | None = None, overwrite: b
                        n_boot=n_boot)
     text = {"report.json": json.dumps(rep, indent=1) + "\n", "report.md": render_markdown(rep),
             "report.html": render_html(rep)}
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     try:
         for name, body in text.items():
             (tmp / name).write_text(body, encoding="utf-8")

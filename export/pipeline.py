@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 from vlsi_edge.export import precision as PREC
 
 from vlsi_edge.errors import UserError
-from vlsi_edge.fileio import publish_dir
+from vlsi_edge.fileio import disk_full, publish_dir, staging_dir
 
 PARITY_MODES = ("on", "off")
 CALIBRATION_ITEMS = 32
@@ -178,8 +177,7 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
         PARTS.set_image_size(vlm, image_size)
     parts = PARTS.split_model(vlm)
     facts = PARTS.model_facts(vlm, parts["vision_encoder"].meta["n_image_tokens"])
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     try:
         manifest = {"target": target, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "source": {"model": str(model), "family": vlm.family,
@@ -210,6 +208,14 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
                             f"the bundle went to {rejected} with its parity.json")
         publish_dir(tmp, out, overwrite, lambda: UserError(f"output {out} appeared while exporting",
                                                             "pass --overwrite or choose another --out"))
+    except Exception as exc:  # noqa: BLE001 - a full disk surfaces as whatever the writing library raises
+        weights = sum(t.numel() * t.element_size() for t in vlm.model.state_dict().values())
+        if isinstance(exc, UserError) or not disk_full(tmp.parent, exc, margin=weights):
+            raise
+        free = shutil.disk_usage(tmp.parent).free
+        raise UserError(f"no space left on device while writing the bundle for {out} ({free / 1e6:.1f} MB free, "
+                        f"the model's weights alone are {weights / 1e6:.1f} MB); nothing was written there",
+                        "free space (or choose another --out), then rerun") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -42,3 +42,24 @@ def test_decode_roofline_quick(tmp_path):
     # the quantized decoders read fewer bytes per token than fp32
     assert paths["onnx-int4"]["bytes_per_token"] < paths["onnx-int8"]["bytes_per_token"] < paths["onnx-fp32"]["bytes_per_token"]
     assert paths["phone-8da4w"]["bytes_per_token"] < paths["phone-fp32"]["bytes_per_token"]
+
+
+@pytest.mark.slow
+def test_soak_quick(tmp_path):
+    """The soak loop on the tiny student's jetson bundle for a few seconds: windows, growth, drift, stable answers."""
+    from vlsi_edge.cli import main
+
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--model", "builtin:tiny-qwen2vl-student", "--target", "jetson", "--out", str(bundle),
+                 "--data", "builtin:shapes:n_pretrain=0,n_train=8,n_val=4,n_test=8"]) == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--bundle", str(bundle),
+                           "--backend", "ort", "--data", "builtin:shapes:n_pretrain=0,n_train=8,n_val=4,n_test=8",
+                           "--minutes", "0.1", "--warmup", "1", "--window", "2", "--threads", "1",
+                           "--out", str(tmp_path / "soak.json")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert doc == json.loads((tmp_path / "soak.json").read_text())
+    assert doc["benchmark"] == "soak" and doc["runs"] >= 8 and len(doc["windows"]) >= 2
+    assert doc["answers_changed"] == 0            # greedy on a fixed prompt gives the same ids every time
+    assert doc["rss_first_mb"] > 0 and set(doc["meets"]) == {"rss_growth", "p90_drift", "answers_stable"}

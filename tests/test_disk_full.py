@@ -44,3 +44,22 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_good_one(small_disk, capsys):
     subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
     assert main([*argv, "--resume"]) == 0
     assert (run / "student" / "model.safetensors").is_file()
+
+
+def test_disk_full_during_an_export_leaves_nothing(tmp_path, capsys):
+    """The tiny student's jetson bundle is ~4.6 MB; a 3 MB disk fills while its decoder weights are written."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("could not mount a tmpfs here")
+    try:
+        out = mnt / "bundle"
+        rc = main(["export", "--model", "builtin:tiny-qwen2vl-student", "--target", "jetson", "--out", str(out),
+                   "--data", DATA])
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("vlsi-edge: error:")]
+        assert rc == 2 and len(lines) == 1 and "no space left" in lines[0].lower(), err[-2000:]
+        assert "Traceback" not in err
+        assert list(mnt.iterdir()) == []          # no bundle, no staging folder
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -289,3 +289,14 @@ def test_every_method_switch_runs(name, tmp_path, torch_threads):
         assert all(r["matched"] == [2, 5, 7, 9] for r in recs)  # index round((i+1)*9/4) - 1 into layers 1..9
     if name == "kld-none":
         assert all("last" not in r for r in recs)
+
+
+def test_resume_of_a_run_killed_before_its_config_starts_it(tmp_path, torch_threads):
+    """A scheduler that always passes --resume: a run folder killed during setup (empty but for a hidden leftover),
+    or none at all, starts the run instead of refusing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".write-test.12345").write_text("ok")
+    assert _distill(run, "--resume", steps="verbalize=1,interact=1,sft=1") == 0
+    assert (run / "student" / "model.safetensors").is_file()
+    assert _distill(tmp_path / "absent", "--resume", steps="verbalize=1,interact=1,sft=1") == 0

@@ -9,6 +9,7 @@ A reader, or a process that resumes after a crash, sees either the old file or t
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -66,3 +67,44 @@ def publish_dir(tmp: Path, out: Path, overwrite: bool, appeared_error) -> None:
     os.replace(out, trash)
     os.replace(tmp, out)
     shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh hidden folder beside `out` to build it in (`.NAME.tmp-PID-RAND`), after removing the staging folders
+    that killed builders of the same `out` left behind (their PID is gone), so a crash never leaks a bundle-sized
+    folder for good."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def disk_full(where: Path, exc: BaseException | None = None, margin: int = 1 << 20) -> bool:
+    """Whether a failed write at `where` is best explained by a full disk: `exc` (or an exception it was raised from)
+    is ENOSPC, or the file system has under `margin` bytes free. Libraries report a full disk in their own words
+    (torch.save: RuntimeError; numpy under onnx: OSError without errno) and some delete their partial file first,
+    so callers pass the size they were about to write as `margin`."""
+    seen = exc
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(where).free < margin
+    except OSError:
+        return False

@@ -31,9 +31,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -41,7 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlsi_edge.errors import DataError
-from vlsi_edge.fileio import publish_dir
+from vlsi_edge.fileio import publish_dir, staging_dir
 
 GENERATOR_VERSION = 2
 CATEGORIES = ("colour", "shape", "count", "spatial", "comparison", "pattern")
@@ -431,8 +429,7 @@ def synth(out: Path, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 
     if _is_nonempty_dir(out) and not overwrite:
         raise DataError(f"output folder {out} already exists and is not empty",
                         "expected a new or empty folder; pass overwrite=True (or choose another --out)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = staging_dir(out)
     try:
         counts: dict[str, dict] = {}
         for split in SPLITS:

@@ -14,13 +14,14 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from vlsi_edge.errors import UserError
-from vlsi_edge.fileio import fsync_dir, fsync_file, write_json_atomic
+from vlsi_edge.fileio import disk_full, fsync_dir, fsync_file, write_json_atomic
 
 LATEST = "latest.json"
 
@@ -49,8 +50,8 @@ def save_checkpoint(state_dir: Path, name: str, tensors: dict[str, torch.Tensor]
         for f in tmp.iterdir():
             fsync_file(f)
         fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():      # rewritten after a crash between rename and `latest`: retire the old one whole
+            _retire(final)
         os.replace(tmp, final)
         fsync_dir(state_dir)
     except BaseException as exc:
@@ -67,14 +68,20 @@ def save_checkpoint(state_dir: Path, name: str, tensors: dict[str, torch.Tensor]
 
 def _write_failure(exc: BaseException, where: Path) -> str:
     """Why a write failed, in the user's words: a full disk is named as such whichever library noticed it."""
-    try:
-        if shutil.disk_usage(where).free < (1 << 20):
-            return "No space left on device"
-    except OSError:
-        pass
+    if disk_full(where):
+        return "No space left on device"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def _retire(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill at any moment leaves it whole or gone: rename it to a hidden name
+    first (atomic), then remove that. A half-deleted folder under a checkpoint's own name would look like one."""
+    trash = path.parent / f".retired-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _prune(state_dir: Path, keep: int, protect: str) -> None:
@@ -82,7 +89,7 @@ def _prune(state_dir: Path, keep: int, protect: str) -> None:
                   key=lambda p: p.stat().st_mtime)
     for old in done[:-keep] if keep else done:
         if old.name != protect:
-            shutil.rmtree(old, ignore_errors=True)
+            _retire(old)
     for stale in state_dir.glob(".*"):  # temporaries of a killed writer
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)

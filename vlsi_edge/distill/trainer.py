@@ -142,6 +142,10 @@ def _permutation(seed: int, phase: str, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def _listing(folder: Path) -> list[Path]:
+    return list(folder.iterdir()) if folder.is_dir() else []
+
+
 class Trainer:
     def __init__(self, cfg: DistillConfig, out: Path, resume: bool = False, overwrite: bool = False, log=None):
         self.cfg, self.out, self.resume = cfg, Path(out), resume
@@ -154,12 +158,17 @@ class Trainer:
     # run folder -----------------------------------------------------------------------------------------
     def _prepare_out(self, overwrite: bool) -> None:
         out, cfg_path = self.out, self.out / "config.yaml"
+        if self.resume and not cfg_path.is_file() and not any(p for p in _listing(out) if not p.name.startswith(".")):
+            # killed before the run wrote its config (or never started): a scheduler that always passes --resume
+            # gets a fresh start, as after a kill before the first checkpoint
+            self.log(f"--resume: {out} holds no run yet; starting it")
+            self.resume = False
         if self.resume:
             if not cfg_path.is_file():
                 raise UserError(f"--resume: {out} holds no run (no config.yaml)", "drop --resume to start it")
             self._check_same_config(cfg_path)
             return
-        if out.exists() and any(out.iterdir()):
+        if any(not p.name.startswith(".") for p in _listing(out)):  # hidden leftovers of a killed run don't count
             if not overwrite:
                 raise UserError(f"output folder {out} already holds files",
                                 "pass --resume to continue that run, --overwrite to replace it, or another --out")
@@ -340,6 +349,7 @@ class Trainer:
             self._truncate_metrics(state.meta.get("metrics_lines", 0))
         elif self.resume:
             self.log(f"--resume: {self.out} has no checkpoint yet; starting from the beginning")
+            self._truncate_metrics(0)  # the killed attempt's lines
         for phase in self.phases:
             if phase in done_phases:
                 continue
@@ -592,12 +602,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             adapter.target_layers = self.s_layers
             adapter.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fileio.fsync_dir(self.out)
-            if self.matching_log is not None:
+            if self.matching_log is not None:  # before student/, whose arrival marks the run finished
                 fileio.write_json_atomic(self.out / "matching.json", self.matching_log.to_json())
+            fileio.publish_dir(tmp, final, True, None)  # swaps by rename: a kill leaves the old or the new, whole
+            fileio.fsync_dir(self.out)
             self.log(f"done: {', '.join(done)}; student checkpoint at {final}")
         self.dist.barrier()
         return final
