@@ -68,24 +68,32 @@ def soak(rt, samples, minutes: float, warmup_s: float, window_s: float, tokens: 
         first_ids.setdefault(i % len(samples), ids)
         i += 1
     warm_runs = i
-    windows, runs = [], []
+    # every latency goes into one float64 array sized (and written, so resident) before measuring starts: a Python
+    # list of 100,000 floats is ~3 MB of growth that would be the soak's own, not the runtime's
+    rate = warm_runs / max(time.perf_counter() - t_start, 1e-9)
+    lat_ms = np.full(int(rate * minutes * 60 * 1.5) + 1024, np.nan)
+    windows, n = [], 0
     t_end = time.perf_counter() + minutes * 60
     while time.perf_counter() < t_end:
-        w0, lat = time.perf_counter(), []
+        w0, start = time.perf_counter(), n
         while time.perf_counter() - w0 < window_s and time.perf_counter() < t_end:
             ms, ids = one(i)
             k = i % len(samples)
             if first_ids.setdefault(k, ids) != ids:
                 changed.append(i)
-            lat.append(ms)
+            if n == len(lat_ms):                      # slower warm-up than steady state: grow (counted as growth)
+                lat_ms = np.concatenate([lat_ms, np.full(len(lat_ms), np.nan)])
+            lat_ms[n] = ms
+            n += 1
             i += 1
-        runs += lat
+        lat = lat_ms[start:n]
         windows.append({"t_s": round(time.perf_counter() - t_start, 1), "runs": len(lat),
                         "rss_mb": current_rss_mb(), "p50_ms": float(np.percentile(lat, 50)),
                         "p90_ms": float(np.percentile(lat, 90))})
         w = windows[-1]
         log(f"{w['t_s']:8.1f} s  runs {w['runs']:5d}  rss {w['rss_mb']:8.1f} MB  p50 {w['p50_ms']:8.2f} ms  "
             f"p90 {w['p90_ms']:8.2f} ms", file=sys.stderr)
+    runs = lat_ms[:n]
     if len(runs) < 8 or len(windows) < 2:
         raise UserError(f"the soak measured only {len(runs)} runs in {len(windows)} windows",
                         "give it more --minutes (or a shorter --window)")

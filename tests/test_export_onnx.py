@@ -34,6 +34,18 @@ def fp32_bundle(student, tmp_path_factory):
     return out
 
 
+def test_bundle_files_follow_the_umask(fp32_bundle):
+    """onnx writes external data 0600 and mkstemp does too; a bundle copied to a device is often run by another
+    user, so every file is readable as the umask allows."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in fp32_bundle.rglob("*") if p.is_file()}
+    assert any(name.endswith(".onnx.data") for name in modes)
+    assert all(mode == 0o666 & ~umask for mode in modes.values()), modes
+
+
 def test_fp32_bundle_matches_transformers_generate(student, fp32_bundle):
     import torch
     from vlsi_edge.runtimes.base import open_runtime

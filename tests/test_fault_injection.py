@@ -115,14 +115,23 @@ def _plan(n: int, seed: int = SEED) -> list[tuple[str, str | None, float]]:
     return plan
 
 
+def _reference(root: Path, cache: bool) -> Path:
+    run = root / "run"
+    log = root / "ref.log"
+    assert _run(_distill_cmd(run, root / "tc" if cache else None), log) == 0, log.read_text()[-2000:]
+    return run
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, Path]:
-    """Uninterrupted runs, with and without a teacher cache, built once per module."""
-    root = tmp_path_factory.mktemp("fi-ref")
-    out = {"live": root / "live", "cache": root / "cache"}
-    assert _run(_distill_cmd(out["live"]), root / "live.log") == 0, (root / "live.log").read_text()[-2000:]
-    assert _run(_distill_cmd(out["cache"], root / "tc"), root / "cache.log") == 0, (root / "cache.log").read_text()[-2000:]
-    return out
+def reference_live(tmp_path_factory) -> Path:
+    """An uninterrupted run, built once per module."""
+    return _reference(tmp_path_factory.mktemp("fi-ref-live"), cache=False)
+
+
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory) -> Path:
+    """An uninterrupted run with a teacher cache."""
+    return _reference(tmp_path_factory.mktemp("fi-ref-cache"), cache=True)
 
 
 def _distill_trial(ref: Path, work: Path, needle: str | None, delay: float, cache: bool = False) -> bool:
@@ -139,21 +148,21 @@ def _distill_trial(ref: Path, work: Path, needle: str | None, delay: float, cach
     return killed
 
 
-def test_one_kill_mid_interaction_resumes_bit_identical(reference, tmp_path):
+def test_one_kill_mid_interaction_resumes_bit_identical(reference_live, tmp_path):
     """The default run's quick instance of the suite below."""
-    killed = _distill_trial(reference["live"], tmp_path, "phase interact", 0.3)
+    killed = _distill_trial(reference_live, tmp_path, "phase interact", 0.3)
     assert killed
 
 
 @pytest.mark.slow
-def test_sigkill_anywhere_in_distill_resumes_bit_identical(reference, tmp_path):
+def test_sigkill_anywhere_in_distill_resumes_bit_identical(reference_live, tmp_path):
     plan = _plan(21)
 
     def trial(i):
         stage, needle, delay = plan[i]
         work = tmp_path / f"t{i:02d}-{stage}"
         work.mkdir()
-        return _distill_trial(reference["live"], work, needle, delay)
+        return _distill_trial(reference_live, work, needle, delay)
 
     with ThreadPoolExecutor(2) as pool:
         killed = list(pool.map(trial, range(len(plan))))
@@ -163,14 +172,14 @@ def test_sigkill_anywhere_in_distill_resumes_bit_identical(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_during_teacher_cache_build_never_leaves_a_short_cache(reference, tmp_path):
+def test_sigkill_during_teacher_cache_build_never_leaves_a_short_cache(reference_cache, tmp_path):
     rng = random.Random(SEED + 1)
     delays = [rng.uniform(0.0, 1.0) for _ in range(4)]
 
     def trial(i):
         work = tmp_path / f"c{i}"
         work.mkdir()
-        return _distill_trial(reference["cache"], work, "teacher cache", delays[i], cache=True)
+        return _distill_trial(reference_cache, work, "teacher cache", delays[i], cache=True)
 
     with ThreadPoolExecutor(2) as pool:
         killed = list(pool.map(trial, range(len(delays))))

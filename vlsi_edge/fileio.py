@@ -18,6 +18,10 @@ import uuid
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
     try:
@@ -41,6 +45,7 @@ def atomic_path(path: Path):
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a bundle copied to a device is read by other users
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -55,7 +60,17 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def publish_dir(tmp: Path, out: Path, overwrite: bool, appeared_error) -> None:
     """Rename a finished folder `tmp` to `out` (an empty `out` is replaced). An existing `out` is swapped out and
-    removed when `overwrite`, else `appeared_error()` is raised: it appeared while we were building."""
+    removed when `overwrite`, else `appeared_error()` is raised: it appeared while we were building. Modes follow
+    the umask first: some writers (mkstemp, onnx's external data) make files only their owner can read, and a
+    bundle copied to a device is often run by another user."""
+    for root, dirs, files in os.walk(tmp):
+        for name in files:
+            path = os.path.join(root, name)
+            executable = os.stat(path).st_mode & 0o111      # scripts such as a kit's run_on_phone.sh stay so
+            os.chmod(path, (0o777 if executable else 0o666) & ~_UMASK)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~_UMASK)
+    os.chmod(tmp, 0o777 & ~_UMASK)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():
