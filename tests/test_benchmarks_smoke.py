@@ -63,3 +63,19 @@ def test_soak_quick(tmp_path):
     assert doc["benchmark"] == "soak" and doc["runs"] >= 8 and len(doc["windows"]) >= 2
     assert doc["answers_changed"] == 0            # greedy on a fixed prompt gives the same ids every time
     assert doc["rss_first_mb"] > 0 and set(doc["meets"]) == {"rss_growth", "p90_drift", "answers_stable"}
+
+
+@pytest.mark.slow
+def test_position_readout_quick(tmp_path):
+    """The position probe's whole path (items, train, eval, table) for one model and axis, a few steps."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "position_readout.py"), "--models",
+                           "builtin:tiny-qwen2vl-student", "--axes", "horizontal", "--steps", "2", "--n-train", "16",
+                           "--n-test", "8", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["benchmark"] == "position_readout" and len(report["rows"]) == 1
+    row = report["rows"][0]
+    assert row["n"] == 8 and 0.0 <= row["accuracy"] <= 1.0 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+    items = json.loads((tmp_path / "data-horizontal-test" / "items.json").read_text())
+    assert [i["conversations"][1]["value"] for i in items[:4]] == ["left", "right", "left", "right"]

@@ -1,0 +1,105 @@
+"""Can a tiny VLM family learn where a single object is? A probe of the plateau the tiny Qwen2-VL models sit on.
+
+    python benchmarks/position_readout.py [--models builtin:tiny-qwen2vl-student builtin:tiny-llava_onevision-student]
+                                          [--steps 600] [--n-train 3200] [--n-test 200] [--workdir DIR]
+
+One object (random colour, shape, size 20-39 px) on a white 112 px image, in the left or right half (or the top or
+bottom half); the question names it and asks which half. Each model is trained from its random-init preset with
+`vlsi-edge train` (batch 16, lr 1e-3, one thread) on `--n-train` such items per axis and scored on `--n-test` held-out
+ones with `vlsi-edge eval`. Chance is 50%.
+
+Why it matters: the `spatial` category of builtin:shapes asks for relations between objects, and the tiny Qwen2-VL
+teacher and student stay at chance on it. Qwen2-VL has no absolute position embedding (M-RoPE in the language model,
+2D RoPE in the vision tower), while LLaVA-OneVision's SigLIP tower adds a learned one to every patch. Prints a table
+and ends with one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+AXES = {"horizontal": ("left", "right", "on the left or the right"),
+        "vertical": ("top", "bottom", "at the top or the bottom")}
+
+
+def make_items(folder: Path, axis: str, n: int, seed: int) -> Path:
+    from PIL import Image, ImageDraw
+
+    from vlsi_edge.data.shapes import COLOURS, SHAPES, draw_shape
+
+    rng = np.random.default_rng(seed)
+    first, second, phrase = AXES[axis]
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for k in range(n):
+        side = (first, second)[k % 2]
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        size = int(rng.integers(20, 40))
+        near = int(rng.integers(0, 56 - size)) if side == first else int(rng.integers(56, 112 - size))
+        other = int(rng.integers(0, 112 - size))
+        x, y = (near, other) if axis == "horizontal" else (other, near)
+        image = Image.new("RGB", (112, 112), "white")
+        draw_shape(ImageDraw.Draw(image), shape, x, y, size, COLOURS[colour])
+        rel = f"images/{k:05d}.png"
+        image.save(folder / rel)
+        records.append({"id": f"{axis}-{seed}-{k:05d}", "image": rel, "category": "spatial", "choices": [first, second],
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\nIs the {colour} {shape} {phrase}? Answer with one word."},
+                            {"from": "gpt", "value": side}]})
+    path = folder / "items.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _cli(*args: str, log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "a") as f:
+        proc = subprocess.run([sys.executable, "-m", "vlsi_edge.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env=env, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"position_readout: `vlsi-edge {args[0]}` failed; see {log}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+",
+                    default=["builtin:tiny-qwen2vl-student", "builtin:tiny-llava_onevision-student"])
+    ap.add_argument("--axes", nargs="+", default=list(AXES), choices=list(AXES))
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--n-train", type=int, default=3200)
+    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--workdir", default=None, help="keep data, runs and logs here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="position-readout-"))
+    rows = []
+    for axis in args.axes:
+        train = make_items(work / f"data-{axis}-train", axis, args.n_train, seed=0)
+        test = make_items(work / f"data-{axis}-test", axis, args.n_test, seed=1)
+        for model in args.models:
+            name = model.removeprefix("builtin:").replace("/", "_")
+            run, log = work / f"run-{axis}-{name}", work / f"{axis}-{name}.log"
+            _cli("train", "--model", model, "--data", str(train), "--split", "train", "--out", str(run),
+                 "--steps", str(args.steps), "--batch-size", "16", "--lr", "1e-3", "--overwrite",
+                 "--set", "optim.warmup_steps=50", "train.checkpoint_every=100000", log=log)
+            _cli("eval", "--model", str(run / "student"), "--data", str(test), "--out", str(run / "test.json"), log=log)
+            overall = json.loads((run / "test.json").read_text())["metrics"]["overall"]
+            rows.append({"axis": axis, "model": model, "steps": args.steps, "accuracy": overall["acc"],
+                         "ci95": [overall["lo"], overall["hi"]], "n": overall["n"]})
+            r = rows[-1]
+            print(f"{axis:10s}  {model:40s}  {r['accuracy']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  n={r['n']}",
+                  file=sys.stderr, flush=True)
+    print(json.dumps({"benchmark": "position_readout", "chance": 0.5, "workdir": str(work), "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
