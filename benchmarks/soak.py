@@ -29,12 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench import _open, device_facts, image_samples, peak_rss_mb  # noqa: E402
-from vlsi_edge.errors import UserError  # noqa: E402
+from vlsi_edge.benchmarks.bench import _open, device_facts, image_samples, peak_rss_mb
+from vlsi_edge.errors import UserError
 
 GOALS = {"rss_growth": 0.05, "p90_drift": 0.10}
 

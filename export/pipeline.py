@@ -208,9 +208,11 @@ def export_model(model: str, target: str, out, precision: str | None = None, dat
                             f"the bundle went to {rejected} with its parity.json")
         publish_dir(tmp, out, overwrite, lambda: UserError(f"output {out} appeared while exporting",
                                                             "pass --overwrite or choose another --out"))
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - a full disk surfaces as whatever the writing library raises
         weights = sum(t.numel() * t.element_size() for t in vlm.model.state_dict().values())
-        if isinstance(exc, UserError) or not disk_full(tmp.parent, exc, margin=weights):
+        if not disk_full(tmp.parent, exc, margin=weights):
             raise
         free = shutil.disk_usage(tmp.parent).free
         raise UserError(f"no space left on device while writing the bundle for {out} ({free / 1e6:.1f} MB free, "

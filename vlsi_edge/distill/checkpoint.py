@@ -68,7 +68,7 @@ def save_checkpoint(state_dir: Path, name: str, tensors: dict[str, torch.Tensor]
 
 def _write_failure(exc: BaseException, where: Path) -> str:
     """Why a write failed, in the user's words: a full disk is named as such whichever library noticed it."""
-    if disk_full(where):
+    if disk_full(where, exc):
         return "No space left on device"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror

@@ -142,8 +142,9 @@ def _permutation(seed: int, phase: str, epoch: int, n: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def _listing(folder: Path) -> list[Path]:
-    return list(folder.iterdir()) if folder.is_dir() else []
+def _visible(folder: Path) -> list[Path]:
+    """What a run folder holds, less the hidden leftovers of a killed run (temporaries, write probes)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
 
 
 class Trainer:
@@ -158,7 +159,7 @@ class Trainer:
     # run folder -----------------------------------------------------------------------------------------
     def _prepare_out(self, overwrite: bool) -> None:
         out, cfg_path = self.out, self.out / "config.yaml"
-        if self.resume and not cfg_path.is_file() and not any(p for p in _listing(out) if not p.name.startswith(".")):
+        if self.resume and not cfg_path.is_file() and not _visible(out):
             # killed before the run wrote its config (or never started): a scheduler that always passes --resume
             # gets a fresh start, as after a kill before the first checkpoint
             self.log(f"--resume: {out} holds no run yet; starting it")
@@ -168,7 +169,7 @@ class Trainer:
                 raise UserError(f"--resume: {out} holds no run (no config.yaml)", "drop --resume to start it")
             self._check_same_config(cfg_path)
             return
-        if any(not p.name.startswith(".") for p in _listing(out)):  # hidden leftovers of a killed run don't count
+        if _visible(out):
             if not overwrite:
                 raise UserError(f"output folder {out} already holds files",
                                 "pass --resume to continue that run, --overwrite to replace it, or another --out")
