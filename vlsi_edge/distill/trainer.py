@@ -389,6 +389,7 @@ class Trainer:
     def _run_phase(self, phase: str, start: int, state, done_phases: list[str]) -> None:
         cfg = self.cfg
         total = steps_for(cfg, phase)
+        trains_verbalizers = phase.startswith("verbalize") or phase == "interact"
         trainable_parameters(phase, self.ctx, self.lora)  # sets requires_grad before DDP/FSDP2 see the modules
         call = self._wrap(phase)
         side = self.teacher_side if phase == "verbalize-teacher" else self.student_side
@@ -457,10 +458,12 @@ class Trainer:
             last = step + 1 == total
             if self.dist.main and (last or (step + 1) % cfg.train.log_every == 0 or step == start):
                 self._write_metrics(record)
+            if last and trains_verbalizers:  # before the checkpoint that marks the phase done: a kill between
+                self._save_verbalizers(phase)  # the two must not leave the previous phase's file for good
             if last or (step + 1) % cfg.train.checkpoint_every == 0:
                 self._save_state(phase, step + 1, side, opt, sched, done_phases + ([phase] if last else []))
         progress.close()
-        if phase.startswith("verbalize") or phase == "interact":
+        if trains_verbalizers and start >= total:  # no step ran here (nothing to train in this phase)
             self._save_verbalizers(phase)
 
     def _wrap(self, phase: str):
