@@ -146,11 +146,14 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
         sums, lse = losses.pairwise_kl([feats[k].detach() for k in ctx.s_layers], w_s, t_feats, vocab, pairs=pairs,
                                        chunk=chunk, direction=cfg.loss.kl, return_lse=True)
         finite = torch.isfinite(sums)
-        totals = ctx.reduce_sum(torch.cat([torch.where(finite, sums, torch.zeros_like(sums)).reshape(-1).double(),
-                                           torch.tensor([float(index.numel())], dtype=torch.float64)]))
+        # one all-reduce of the KL sums and the token count (on the loss device: NCCL needs CUDA tensors), then
+        # the matching works on the CPU
+        packed = torch.cat([torch.where(finite, sums, torch.zeros_like(sums)).reshape(-1).double(),
+                            sums.new_tensor([float(index.numel())], dtype=torch.float64)])
+        totals, finite = ctx.reduce_sum(packed).cpu(), finite.cpu()
         n_all = totals[-1].item()
-        kl = torch.where(finite, totals[:-1].reshape(t_s, t_l) / max(n_all, 1.0), torch.full_like(sums, float("inf"),
-                                                                                              dtype=torch.float64))
+        mean = totals[:-1].reshape(t_s, t_l) / max(n_all, 1.0)
+        kl = torch.where(finite, mean, torch.full_like(mean, float("inf")))
         if n_all == 0:  # nothing to compare: every candidate ties
             kl = torch.where(finite, torch.zeros_like(kl), kl)
     else:
