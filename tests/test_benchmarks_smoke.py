@@ -79,3 +79,29 @@ def test_position_readout_quick(tmp_path):
     assert row["n"] == 8 and 0.0 <= row["accuracy"] <= 1.0 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
     items = json.loads((tmp_path / "data-horizontal-test" / "items.json").read_text())
     assert [i["conversations"][1]["value"] for i in items[:4]] == ["left", "right", "left", "right"]
+
+
+@pytest.mark.slow
+def test_reproduce_smoke(tmp_path):
+    """benchmarks/reproduce.py end to end at toy size (--smoke: 40 train items, 36 test items, a few steps): every
+    headline method, every ablation row, the heatmap and the verbalizer views reach the report; a rerun resumes from
+    the finished runs instead of training again."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "reproduce.py"), "--smoke", "--workdir", str(tmp_path / "w"),
+           "--out", str(tmp_path / "report" / "r"), "--jobs", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["mode"] == "smoke" and {"sft", "kd", "vlsi", "vlsi_vs_sft"} <= set(last)
+    doc = json.loads((tmp_path / "report" / "r.json").read_text())
+    assert {m: doc["headline"][m]["generate"]["n_seeds"] for m in ("sft", "kd", "vlsi")} == {"sft": 2, "kd": 2,
+                                                                                           "vlsi": 2}
+    assert [r["label"] for r in doc["ablations"]["matching"]][-1] == "+ adaptive temperature"
+    assert len(doc["ablations"]["loss"]) == 4 and len(doc["ablations"]["sft_step"]) == 2
+    assert doc["matching"]["snapshots"] and len(doc["figure3"]) == 3
+    md = (tmp_path / "report" / "r.md").read_text()
+    assert "## Against the paper's claims" in md and (tmp_path / "report" / "r-headline.svg").exists()
+    logs = tmp_path / "w" / "smoke" / "logs"
+    before = {p.name: p.stat().st_mtime_ns for p in logs.iterdir()}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert again.returncode == 0 and json.loads(again.stdout.strip().splitlines()[-1]) == last
+    assert {p.name: p.stat().st_mtime_ns for p in logs.iterdir()} == before  # nothing trained or scored again

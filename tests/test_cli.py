@@ -2,6 +2,7 @@
 paths of `inspect`, `data synth` and `eval` on the tiny presets."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -153,6 +154,47 @@ def test_synth_then_eval_writes_versioned_results(tmp_path, capsys):
     item = doc["items"][0]
     assert {"id", "category", "cluster", "question", "gold", "raw", "parsed", "correct"} <= set(item)
     assert "overall" in doc["metrics"]
+
+
+def test_forced_choice_eval_picks_the_most_likely_answer(tmp_path, capsys):
+    """`--scoring choice` predicts, for every item, the answer-set entry whose tokens (and the end of the turn) the
+    model finds most likely; checked against one forward per candidate, unbatched and unpadded."""
+    import torch
+
+    from vlsi_edge.data.collate import Collator
+    from vlsi_edge.data.conversations import Turn, open_dataset
+    from vlsi_edge.models import load_model
+
+    out = tmp_path / "shapes"
+    assert main(["data", "synth", "--out", str(out), "--n-pretrain", "0", "--n-train", "0", "--n-val", "0",
+                 "--n-test", "6", "--seed", "4"]) == 0
+    rc, preds = _eval(tmp_path, out, "--split", "test", "--scoring", "choice", "--batch-size", "4")
+    assert rc == 0
+    doc = json.loads(preds.read_text())
+    assert doc["system"]["scoring"] == "choice" and doc["metrics"]["overall"]["parse_failure_rate"] == 0
+    vlm = load_model("builtin:tiny-qwen2vl-student")
+    collate = Collator(vlm, mode="train")
+    for sample, item in zip(open_dataset(str(out), split="test"), doc["items"]):
+        logps = []
+        for choice in sample.meta["choices"]:
+            one = dataclasses.replace(sample, turns=(*sample.turns[:-1], Turn("assistant", choice)))
+            batch = collate([one])
+            labels = batch.pop("labels")[0, 1:]
+            with torch.no_grad():
+                logits = vlm.model(**batch).logits[0, :-1]
+            keep = labels != -100
+            logps.append(float(torch.log_softmax(logits[keep], -1).gather(-1, labels[keep, None]).sum()))
+        assert item["choice_logp"] == pytest.approx(logps, abs=1e-3)
+        assert item["parsed"] == sample.meta["choices"][max(range(len(logps)), key=logps.__getitem__)]
+        assert item["correct"] == (item["parsed"] == sample.answer)
+
+
+def test_eval_choice_needs_choices(good_dir, capsys):
+    record = _record(0)
+    del record["choices"]
+    data = _write_jsonl(good_dir / "data.jsonl", [record])
+    rc, _ = _eval(good_dir, data, "--scoring", "choice")
+    _one_line_error(capsys, rc, "choices")
 
 
 def test_synth_refuses_negative_counts(tmp_path, capsys):

@@ -137,6 +137,10 @@ def test_teacher_verbalizers_are_reused_and_checked(tmp_path, capsys, torch_thre
     assert _distill(second, "--teacher-verbalizers", str(tv), steps="verbalize=1,interact=1,sft=1") == 0
     phases = {json.loads(line)["phase"] for line in (second / "metrics.jsonl").open()}
     assert "verbalize-teacher" not in phases
+    only = tmp_path / "student-verbalizers-only"  # e.g. giving an SFT-only student verbalizers, teacher on disk
+    assert _distill(only, "--stages", "verbalize", "--teacher-verbalizers", str(tv), steps="verbalize=1") == 0
+    assert {json.loads(line)["phase"] for line in (only / "metrics.jsonl").open()} == {"verbalize-student"}
+    assert (only / "verbalizers" / "student.safetensors").is_file()
     capsys.readouterr()
     rc = _distill(tmp_path / "third", "--teacher-verbalizers", str(tv), teacher="builtin:tiny-llava_onevision-teacher",
                   student="builtin:tiny-llava_onevision-student", steps="verbalize=1,interact=1,sft=1")

@@ -147,6 +147,28 @@ def test_pretrain_mixes_in_larger_scenes_that_stay_correct():
     assert all(r["difficulty"] == 1 for r, _ in shapes.generate_split("train", 40, 7, 1, 112))
 
 
+def test_pretrain_grid_items_end_with_a_caption_that_the_pixels_confirm():
+    """The last turn of every pretrain grid item names each cell of its grid in reading order; the pixel solver finds
+    exactly those objects, each in its cell. Pattern items and the other splits carry no caption."""
+    items = list(shapes.generate_split("pretrain", 60, 3, 1, 112))
+    for r, png in items:
+        turns = [t["value"] for t in r["conversations"]]
+        if r["category"] == "pattern":
+            assert shapes.CAPTION_QUESTION not in turns
+            continue
+        assert turns[-2] == shapes.CAPTION_QUESTION and turns.count(shapes.CAPTION_QUESTION) == 1
+        rows = [row.split(", ") for row in turns[-1].split("; ")]
+        g = len(rows)
+        assert all(len(row) == g for row in rows)
+        named = sorted((cell, i, j) for i, row in enumerate(rows) for j, cell in enumerate(row) if cell != "empty")
+        cw = 112 // g
+        seen = sorted((f"{c.colour} {c.shape}", int(c.cy // cw), int(c.cx // cw))
+                      for c in components(np.asarray(Image.open(io.BytesIO(png)))))
+        assert seen == named, r["id"]
+    for r, _ in shapes.generate_split("test", 30, 3, 1, 112):
+        assert all(t["value"] != shapes.CAPTION_QUESTION for t in r["conversations"])
+
+
 def test_solver_other_image_size_and_unknown_question():
     items = list(shapes.generate_split("test", 60, 2, 3, 224))
     assert all(solve(png, r["conversations"][0]["value"]) == r["conversations"][1]["value"] for r, png in items)

@@ -147,7 +147,8 @@ def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: in
 def eval(model: str, data: str, out: str, split: str = "test", batch_size: int = 16, max_new_tokens: int = 8,
          limit: int | None = None, image_root: str | None = None, skip_bad_samples: bool = False,
          dtype: Literal["float32", "bfloat16", "float16"] = "float32", device: str = "cpu",
-         name: str | None = None, role: Literal["teacher", "student"] | None = None) -> int:
+         name: str | None = None, role: Literal["teacher", "student"] | None = None,
+         scoring: Literal["generate", "choice"] = "generate") -> int:
     """Greedy per-item predictions of a PyTorch model on a split, with accuracy and 95% CIs (results JSON).
 
     Args:
@@ -164,13 +165,14 @@ def eval(model: str, data: str, out: str, split: str = "test", batch_size: int =
         device: torch device
         name: the system's name in reports (default: derived from --model)
         role: the system's role in reports (default: teacher when its name says so, else student)
+        scoring: generate (greedy answer, parsed) or choice (the answer-set entry with the highest log-likelihood)
     """
     _require_host("eval")
     from vlsi_edge.evaluate import evaluate
 
     evaluate(model=model, data=data, out=Path(out), split=split, batch_size=batch_size,
              max_new_tokens=max_new_tokens, limit=limit, image_root=image_root, skip_bad=skip_bad_samples,
-             dtype=dtype, device=device, name=name, role=role)
+             dtype=dtype, device=device, name=name, role=role, scoring=scoring)
     return 0
 
 

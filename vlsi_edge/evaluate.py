@@ -1,6 +1,11 @@
 """Host-side evaluation: greedy per-item predictions of a PyTorch model, scored by the one answer parser.
 
     vlsi-edge eval --model builtin:tiny-qwen2vl-student --data builtin:shapes --split test --out preds.json
+    vlsi-edge eval ... --scoring choice    # forced choice: the answer-set entry with the highest log-likelihood
+
+Forced choice needs the items' `choices` (builtin:shapes has them); it never fails to parse, so it measures what the
+model knows rather than whether it answers in the expected words, and it is what the reproduction's ablation grid
+uses.
 
 Writes the versioned results schema (`vlsi_edge.results`), so host predictions of the teacher and the PyTorch
 student join with device results in `vlsi-edge report`.
@@ -18,7 +23,7 @@ from vlsi_edge.errors import DataError
 def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: int = 16, max_new_tokens: int = 8,
              limit: int | None = None, image_root: str | None = None, skip_bad: bool = False,
              dtype: str = "float32", device: str = "cpu", name: str | None = None, role: str | None = None,
-             log=print) -> dict:
+             scoring: str = "generate", log=print) -> dict:
     import torch
 
     from vlsi_edge.data.answers import score
@@ -32,6 +37,8 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
 
     if batch_size < 1 or max_new_tokens < 1 or (limit is not None and limit < 1):
         raise DataError("--batch-size, --max-new-tokens and --limit must be >= 1")
+    if scoring not in ("generate", "choice"):
+        raise DataError(f"--scoring {scoring!r}: expected generate or choice")
     dataset = open_dataset(data, split=split, image_root=image_root, skip_bad=skip_bad)
     dataset.validate()
     if dataset.skipped:
@@ -40,6 +47,9 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
     samples = list(itertools.islice(iter(dataset), limit))
     if not samples:
         raise DataError(f"{data} split {split!r} has no samples to evaluate")
+    if scoring == "choice" and not all(s.meta.get("choices") for s in samples):
+        raise DataError(f"{data} split {split!r} has items without a `choices` list, which --scoring choice needs",
+                        "use --scoring generate, or add choices to the items")
     adapter = load_model(model, dtype=dtype, device=device)
     collate = Collator(adapter, mode="generate")
     tok = adapter.tokenizer
@@ -47,6 +57,9 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
     with torch.inference_mode():
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
+            if scoring == "choice":
+                items += _forced_choice(adapter, chunk, device)
+                continue
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
             gen = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                          pad_token_id=tok.pad_token_id)
@@ -65,7 +78,7 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
     name = name or Path(str(model)).name.removeprefix("builtin:")
     system = {"name": name, "role": role or ("teacher" if "teacher" in name else "student"),
               "model": adapter.source, "family": adapter.family, "backend": "torch", "precision": dtype,
-              "device": device, "weights_fingerprint": fingerprint(adapter.model),
+              "device": device, "scoring": scoring, "weights_fingerprint": fingerprint(adapter.model),
               "tokenizer_fingerprint": tokenizer_fingerprint(tok.backend_tokenizer.to_str())}
     doc = make_results("eval", system, {"spec": data, "split": split}, items, metrics,
                        timing={"seconds": seconds, "items_per_s": len(items) / max(seconds, 1e-9)},
@@ -77,3 +90,40 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
     for cat, m in sorted(metrics.get("per_category", {}).items()):
         log(f"  {cat:<12s} {m['acc']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]  n={m['n']}")
     return doc
+
+
+def _forced_choice(adapter, chunk: list, device: str) -> list[dict]:
+    """Score each item's answer set by the summed log-probability of the whole answer (its tokens and the end of
+    the turn) after the prompt; the most likely entry is the prediction."""
+    import dataclasses
+
+    import torch
+
+    from vlsi_edge.data.answers import score
+    from vlsi_edge.data.collate import Collator
+    from vlsi_edge.data.conversations import Turn
+
+    collate = Collator(adapter, mode="train")
+    variants, owner = [], []
+    for i, sample in enumerate(chunk):
+        for choice in sample.meta["choices"]:
+            variants.append(dataclasses.replace(sample, turns=(*sample.turns[:-1], Turn("assistant", str(choice)))))
+            owner.append(i)
+    batch = {k: v.to(device) for k, v in collate(variants).items()}
+    labels = batch.pop("labels")
+    logits = adapter.model(**batch).logits[:, :-1].float()
+    target = labels[:, 1:]
+    keep = target != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    totals = (logp * keep).sum(-1).tolist()
+    items, pos = [], 0
+    for i, sample in enumerate(chunk):
+        choices = [str(c) for c in sample.meta["choices"]]
+        scores = totals[pos:pos + len(choices)]
+        pos += len(choices)
+        pick = choices[max(range(len(choices)), key=scores.__getitem__)]
+        parsed, correct = score(pick, sample.answer, choices)
+        items.append({"id": sample.id, "category": sample.category, "cluster": sample.cluster,
+                      "question": sample.question, "gold": sample.answer, "raw": pick, "parsed": parsed,
+                      "correct": bool(correct), "choice_logp": [round(x, 4) for x in scores]})
+    return items

@@ -21,7 +21,8 @@ changing `n_train` never changes a test item. `difficulty` 1..5 adds objects, di
 and thin lines in colours outside the palette, drawn under the objects) and tightens comparisons.
 
 The `pretrain` split is a curriculum. Its grid items carry up to three follow-up turns (`extra_questions`: more
-questions in the test templates about the same scene), and every other item of a grid category is an easy scene (a 2x2 or 3x3 grid, at
+questions in the test templates about the same scene) and end with a caption turn that names every cell of the
+grid in reading order (`caption`: dense supervision of colour, shape and place, which one-word answers lack), and every other item of a grid category is an easy scene (a 2x2 or 3x3 grid, at
 most one distractor, so objects are two to four times larger; `difficulty` 0 in its record). A randomly initialised
 vision tower gets off the answer-prior plateau on large objects far sooner than on the test split's small ones; easy
 colour and shape items show a single object filling most of the image.
@@ -41,7 +42,7 @@ from PIL import Image, ImageDraw
 from vlsi_edge.errors import DataError
 from vlsi_edge.fileio import publish_dir, staging_dir
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 CATEGORIES = ("colour", "shape", "count", "spatial", "comparison", "pattern")
 SPLITS = ("pretrain", "train", "val", "test")
 COLOURS = {
@@ -258,7 +259,20 @@ def _render_grid(rng, category, key, answer, difficulty, size, easy=False):
     _clutter(draw, rng, difficulty, size)
     for (colour, shape), (x, y, s) in zip(objects, _grid_boxes(rng, cells, g, size)):
         draw_shape(draw, shape, x, y, s, COLOURS[colour])
-    return img, key, [(colour, shape, *divmod(cell, g)) for (colour, shape), cell in zip(objects, cells)]
+    return img, key, [(colour, shape, *divmod(cell, g)) for (colour, shape), cell in zip(objects, cells)], g
+
+
+CAPTION_QUESTION = "Describe each cell, row by row."
+
+
+def caption(scene: list[tuple[str, str, int, int]], g: int) -> str:
+    """The whole g×g grid in reading order, "empty" for a free cell: "red circle, empty; empty, blue square".
+
+    Pretraining asks it as the last turn of a grid item (after the questions, so no answer can read it): every
+    object's colour, shape and cell become supervised tokens, where a question supervises one word.
+    """
+    cells = {(r, c): f"{colour} {shape}" for colour, shape, r, c in scene}
+    return "; ".join(", ".join(cells.get((r, c), "empty") for c in range(g)) for r in range(g))
 
 
 def extra_questions(rng: np.random.Generator, scene: list[tuple[str, str, int, int]], asked: str,
@@ -346,16 +360,16 @@ def _render_pattern(rng, attr: str, answer: str, difficulty: int, size: int):
 
 def make_item(rng: np.random.Generator, category: str, key, answer: str, difficulty: int, size: int,
               easy: bool = False):
-    """Draw one item: returns (PIL image, question text, choices, scene). `scene` lists a grid category's objects
-    as (colour, shape, row, col) and is None for pattern rows. `easy` (pretrain only) draws a grid category on a
+    """Draw one item: returns (PIL image, question text, choices, scene, g). `scene` lists a grid category's objects
+    as (colour, shape, row, col) on its g×g grid; both are None for pattern rows. `easy` (pretrain only) draws a grid category on a
     2×2 or 3×3 grid with at most one distractor, so objects are two to four times larger."""
     if category == "pattern":
-        img, scene = _render_pattern(rng, key, answer, difficulty, size), None
+        img, scene, g = _render_pattern(rng, key, answer, difficulty, size), None, None
         choices = COLOUR_NAMES if key == "colour" else SHAPES
     else:
-        img, key, scene = _render_grid(rng, category, key, answer, difficulty, size, easy)
+        img, key, scene, g = _render_grid(rng, category, key, answer, difficulty, size, easy)
         choices = ANSWERS[category]
-    return img, question_text(category, key), list(choices), scene
+    return img, question_text(category, key), list(choices), scene, g
 
 
 def validate_params(**params) -> dict:
@@ -392,7 +406,7 @@ def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: i
         key, answer = decks[category].draw()
         easy = split == "pretrain" and i % 2 == 0 and category != "pattern"
         while True:
-            img, question, choices, scene = make_item(rng, category, key, answer, difficulty, image_size, easy)
+            img, question, choices, scene, g = make_item(rng, category, key, answer, difficulty, image_size, easy)
             digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
             if digest not in seen:
                 seen.add(digest)
@@ -410,7 +424,7 @@ def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: i
             "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
         }
         if split == "pretrain" and scene is not None:
-            for q, a in extra_questions(rng, scene, question):
+            for q, a in extra_questions(rng, scene, question) + [(CAPTION_QUESTION, caption(scene, g))]:
                 record["conversations"] += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         yield record, buf.getvalue()
 

@@ -254,7 +254,9 @@ class Trainer:
             self._add_lora(student)
         s_verb = Verbalizers(self.s_layers, student.hidden_size, cfg.verbalizer.residual).to(self.device)
         t_verb = None
-        self.have_teacher_verbalizers = cached is not None  # a ready cache embodies the teacher's verbalizers
+        # a ready cache embodies the teacher's verbalizers; given ones are checked below when the teacher is loaded
+        # (a verbalize-only run with --teacher-verbalizers needs no teacher: it trains the student's alone)
+        self.have_teacher_verbalizers = cached is not None or bool(cfg.teacher_verbalizers)
         if cached is not None:
             self.log(f"teacher cache {cfg.cache.dir} is complete: the teacher stays on disk")
         if teacher is not None:

@@ -1,0 +1,148 @@
+"""Pretrain the tiny Qwen2-VL teacher on one GPU: several recipes side by side, sized to a wall-clock budget.
+
+    python scripts/pretrain_gpu.py --out pretrain-gpu --budget 330            # one CUDA GPU, ~6 minutes
+    python scripts/pretrain_gpu.py --out /tmp/p --budget 60 --device cpu --quick   # a dry run of the plumbing
+
+Each recipe is a `vlsi-edge train` run from the preset's random initialisation on the `pretrain` split. The GPU is
+shared by all recipes at once (tiny models leave it mostly idle; the host collates images). First every recipe runs
+a short probe under that same load to measure its seconds per step, then it gets as many steps as fit the budget (the
+cosine schedule needs the count up front). Every finished run is scored on the 1,000-item test split with
+`vlsi-edge eval`; the best (largest margin of the 95% CI's lower bound over chance, minimised over categories) is
+named in `OUT/summary.json`. `scripts/ship_pretrained.py` ships a chosen run like any other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DATA = "builtin:shapes:n_pretrain=60000"
+CHANCE = {"colour": 1 / 6, "count": 1 / 6, "pattern": 0.2, "shape": 0.25, "spatial": 0.25, "comparison": 0.5}
+# name: (batch size, peak lr, warm-up steps, data-order seed)
+RECIPES = {
+    "b16-lr1e-3": (16, 1e-3, 200, 0),
+    "b32-lr1e-3": (32, 1e-3, 200, 0),
+    "b64-lr1e-3": (64, 1e-3, 300, 0),
+    "b64-lr2e-3": (64, 2e-3, 300, 0),
+    "b32-lr5e-4": (32, 5e-4, 200, 0),
+    "b32-lr1e-3-s1": (32, 1e-3, 200, 1),
+}
+PROBE_STEPS = 30
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vlsi_edge.cli", *args]
+
+
+def train_cmd(model: str, name: str, out: Path, steps: int, data: str) -> list[str]:
+    bs, lr, warmup, seed = RECIPES[name]
+    return cli("train", "--model", model, "--data", data, "--split", "pretrain", "--out", str(out),
+               "--steps", str(steps), "--batch-size", str(bs), "--lr", str(lr), "--seed", str(seed), "--overwrite",
+               "--set", f"optim.warmup_steps={min(warmup, steps // 5)}", "train.checkpoint_every=1000000")
+
+
+def launch_all(cmds: dict[str, list[str]], logs: Path, env: dict) -> dict[str, subprocess.Popen]:
+    logs.mkdir(parents=True, exist_ok=True)
+    return {n: subprocess.Popen(c, stdout=open(logs / f"{n}.log", "w"), stderr=subprocess.STDOUT, env=env)
+            for n, c in cmds.items()}
+
+
+def wait_all(procs: dict[str, subprocess.Popen], deadline: float) -> dict[str, int]:
+    codes = {}
+    for n, p in procs.items():
+        try:
+            codes[n] = p.wait(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes[n] = -9
+    return codes
+
+
+def seconds_per_step(run: Path) -> float:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    return statistics.median(r["sec"] for r in rows[len(rows) // 3:])
+
+
+def margin(doc: dict) -> float:
+    cats = doc["metrics"]["per_category"]
+    return min(cats[c]["lo"] - CHANCE[c] for c in CHANCE if c in cats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budget", type=float, default=330, help="wall seconds for probe + training, all runs at once")
+    ap.add_argument("--eval-seconds", type=float, default=90, help="wall seconds kept for scoring at the end")
+    ap.add_argument("--model", default="builtin:tiny-qwen2vl-teacher")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="two recipes, tiny data (plumbing check)")
+    args = ap.parse_args()
+    start = time.time()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(RECIPES)[:2] if args.quick else list(RECIPES)
+    data = "builtin:shapes:n_pretrain=400,n_test=60,n_train=0,n_val=0" if args.quick else DATA
+    test_data = data  # the test split does not depend on n_pretrain (each split has its own seed)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // (len(names) + 1))),
+           "PYTHONUNBUFFERED": "1"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    # the data is synthesised once, before the runs race for it
+    from vlsi_edge.data.conversations import open_dataset
+    open_dataset(data, split="pretrain")
+    print(f"[{time.time() - start:5.0f}s] data ready; probing {len(names)} recipes", flush=True)
+
+    probes = launch_all({n: train_cmd(args.model, n, out / "probe" / n, PROBE_STEPS, data) for n in names},
+                        out / "logs" / "probe", env)
+    codes = wait_all(probes, start + args.budget)
+    sec = {n: seconds_per_step(out / "probe" / n) for n in names if codes[n] == 0}
+    probe_wall = time.time() - start
+    print(f"[{probe_wall:5.0f}s] probe: " + ", ".join(f"{n} {s * 1000:.0f} ms/step" for n, s in sec.items()), flush=True)
+    shutil.rmtree(out / "probe", ignore_errors=True)
+    if not sec:
+        raise SystemExit("every probe failed; see " + str(out / "logs" / "probe"))
+
+    startup = 20.0  # import, model build and data load of one run, measured loosely
+    left = start + args.budget - time.time() - startup
+    steps = {n: max(50, int(0.9 * left / s)) for n, s in sec.items()}
+    print(f"[{time.time() - start:5.0f}s] training: " + ", ".join(f"{n} {k} steps" for n, k in steps.items()),
+          flush=True)
+    runs = launch_all({n: train_cmd(args.model, n, out / n, k, data) for n, k in steps.items()}, out / "logs", env)
+    codes = wait_all(runs, start + args.budget + 60)
+    print(f"[{time.time() - start:5.0f}s] trained: {codes}", flush=True)
+
+    done = [n for n, c in codes.items() if c == 0]
+    evals = launch_all({n: cli("eval", "--model", str(out / n / "student"), "--data", test_data, "--split", "test",
+                                "--device", args.device, "--batch-size", "50", "--name", f"teacher-{n}",
+                                "--out", str(out / n / "test.json")) for n in done}, out / "logs" / "eval", env)
+    wait_all(evals, time.time() + args.eval_seconds)
+    summary = {"budget_s": args.budget, "device": args.device, "data": data, "runs": {}}
+    for n in names:
+        doc_path = out / n / "test.json"
+        row = {"recipe": dict(zip(("batch_size", "lr", "warmup", "seed"), RECIPES[n])), "steps": steps.get(n),
+               "probe_sec_per_step": sec.get(n), "exit": codes.get(n)}
+        if doc_path.exists():
+            doc = json.loads(doc_path.read_text())
+            cats = doc["metrics"]["per_category"]
+            row.update(overall=doc["metrics"]["overall"]["acc"], margin=margin(doc),
+                       per_category={c: [round(m["acc"], 3), round(m["lo"], 3)] for c, m in cats.items()})
+        summary["runs"][n] = row
+    scored = {n: r for n, r in summary["runs"].items() if "margin" in r}
+    summary["best"] = max(scored, key=lambda n: scored[n]["margin"]) if scored else None
+    summary["wall_s"] = round(time.time() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    for n, r in summary["runs"].items():
+        cats = " ".join(f"{c}={v[0]:.2f}" for c, v in r.get("per_category", {}).items())
+        print(f"{n:<15} steps {r['steps']} overall {r.get('overall', float('nan')):.3f} "
+              f"margin {r.get('margin', float('nan')):+.3f}  {cats}")
+    print(json.dumps({"best": summary["best"], "wall_s": summary["wall_s"]}))
+
+
+if __name__ == "__main__":
+    main()
