@@ -148,9 +148,13 @@ def test_pretrain_mixes_in_larger_scenes_that_stay_correct():
 
 
 def test_pretrain_grid_items_end_with_a_caption_that_the_pixels_confirm():
-    """The last turn of every pretrain grid item names each cell of its grid in reading order; the pixel solver finds
+    """With captions=1, the last turn of every pretrain grid item names each cell of its grid in reading order; the pixel solver finds
     exactly those objects, each in its cell. Pattern items and the other splits carry no caption."""
-    items = list(shapes.generate_split("pretrain", 60, 3, 1, 112))
+    items = list(shapes.generate_split("pretrain", 60, 3, 1, 112, captions=True))
+    plain = list(shapes.generate_split("pretrain", 60, 3, 1, 112))
+    assert [png for _, png in plain] == [png for _, png in items]  # the same images, questions and answers
+    assert all(p["conversations"] == r["conversations"][:len(p["conversations"])] for (p, _), (r, _) in zip(plain, items))
+    assert all(shapes.CAPTION_QUESTION not in json.dumps(r) for r, _ in plain)
     for r, png in items:
         turns = [t["value"] for t in r["conversations"]]
         if r["category"] == "pattern":
@@ -165,7 +169,7 @@ def test_pretrain_grid_items_end_with_a_caption_that_the_pixels_confirm():
         seen = sorted((f"{c.colour} {c.shape}", int(c.cy // cw), int(c.cx // cw))
                       for c in components(np.asarray(Image.open(io.BytesIO(png)))))
         assert seen == named, r["id"]
-    for r, _ in shapes.generate_split("test", 30, 3, 1, 112):
+    for r, _ in shapes.generate_split("test", 30, 3, 1, 112, captions=True):
         assert all(t["value"] != shapes.CAPTION_QUESTION for t in r["conversations"])
 
 

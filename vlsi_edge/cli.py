@@ -115,7 +115,8 @@ def inspect(model: str | None = None, json_out: bool = False, list_presets: bool
 
 
 def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 200, n_test: int = 1000,
-               seed: int = 0, difficulty: int = 1, image_size: int = 112, overwrite: bool = False) -> int:
+               seed: int = 0, difficulty: int = 1, image_size: int = 112, captions: bool = False,
+               overwrite: bool = False) -> int:
     """Write the built-in synthetic suite (builtin:shapes) as LLaVA JSON files plus PNG images.
 
     Args:
@@ -127,6 +128,7 @@ def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: in
         seed: generator seed (same seed and sizes give byte-identical files)
         difficulty: 1..5: more objects, distractors and clutter
         image_size: side of the square images in pixels
+        captions: end each pretrain grid item with a turn that names every cell of its grid
         overwrite: replace an existing non-empty folder
     """
     from vlsi_edge.data.shapes import synth
@@ -136,7 +138,7 @@ def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: in
         if value < 0:
             raise UserError(f"{name} {value} is negative; expected a count >= 0")
     path = synth(Path(out), n_pretrain=n_pretrain, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
-                 difficulty=difficulty, image_size=image_size, overwrite=overwrite)
+                 difficulty=difficulty, image_size=image_size, captions=int(captions), overwrite=overwrite)
     info = json.loads((Path(path) / "info.json").read_text())
     counts = info.get("counts", {})
     print(f"wrote {path}: " + ", ".join(f"{k} {v if isinstance(v, int) else sum(v.values())}"

@@ -1,6 +1,7 @@
 """`builtin:shapes`: a deterministic synthetic visual-reasoning suite drawn with Pillow.
 
-    vlsi-edge data synth --out DIR [--n-pretrain N --n-train N --n-val N --n-test N --seed S --difficulty 1..5]
+    vlsi-edge data synth --out DIR [--n-pretrain N --n-train N --n-val N --n-test N --seed S --difficulty 1..5
+                                    --captions]
 
 `synth` writes LLaVA-style `pretrain/train/val/test.json` (one record per line inside the list), the images under
 `images/<split>/<id>.png` and `info.json` (params, per-split counts by category, totals, answer sets, palette,
@@ -21,8 +22,9 @@ changing `n_train` never changes a test item. `difficulty` 1..5 adds objects, di
 and thin lines in colours outside the palette, drawn under the objects) and tightens comparisons.
 
 The `pretrain` split is a curriculum. Its grid items carry up to three follow-up turns (`extra_questions`: more
-questions in the test templates about the same scene) and end with a caption turn that names every cell of the
-grid in reading order (`caption`: dense supervision of colour, shape and place, which one-word answers lack), and every other item of a grid category is an easy scene (a 2x2 or 3x3 grid, at
+questions in the test templates about the same scene) and, with `captions=1`, end with a caption turn that names
+every cell of the grid in reading order (`caption`: dense supervision of colour, shape and place, which one-word
+answers lack), and every other item of a grid category is an easy scene (a 2x2 or 3x3 grid, at
 most one distractor, so objects are two to four times larger; `difficulty` 0 in its record). A randomly initialised
 vision tower gets off the answer-prior plateau on large objects far sooner than on the test split's small ones; easy
 colour and shape items show a single object filling most of the image.
@@ -42,7 +44,7 @@ from PIL import Image, ImageDraw
 from vlsi_edge.errors import DataError
 from vlsi_edge.fileio import publish_dir, staging_dir
 
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 2
 CATEGORIES = ("colour", "shape", "count", "spatial", "comparison", "pattern")
 SPLITS = ("pretrain", "train", "val", "test")
 COLOURS = {
@@ -64,7 +66,7 @@ CELL_LINE = (215, 215, 215)
 CLUTTER_GREYS = ((110, 110, 110), (135, 135, 135), (160, 160, 160), (185, 185, 185), (200, 200, 200))
 CLUTTER_LINES = ((190, 190, 190), (205, 195, 175), (175, 200, 200), (200, 185, 205))
 DEFAULTS = {"n_pretrain": 10000, "n_train": 2000, "n_val": 200, "n_test": 1000, "seed": 0, "difficulty": 1,
-            "image_size": 112}
+            "image_size": 112, "captions": 0}
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 112, 1024
 
 ANSWERS = {
@@ -386,6 +388,8 @@ def validate_params(**params) -> dict:
     for name in ("n_pretrain", "n_train", "n_val", "n_test", "seed"):
         if merged[name] < 0:
             raise DataError(f"shapes parameter {name}={merged[name]} is negative", "expected 0 or more")
+    if merged["captions"] not in (0, 1):
+        raise DataError(f"shapes captions={merged['captions']} is not 0 or 1", "expected captions=0 or captions=1")
     if not 1 <= merged["difficulty"] <= 5:
         raise DataError(f"shapes difficulty={merged['difficulty']} is out of range", "expected 1, 2, 3, 4 or 5")
     if not MIN_IMAGE_SIZE <= merged["image_size"] <= MAX_IMAGE_SIZE:
@@ -394,8 +398,10 @@ def validate_params(**params) -> dict:
     return merged
 
 
-def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: int):
-    """Yield (record, png bytes) for one split, deterministically from `seed` and the split's own RNG stream."""
+def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: int, captions: bool = False):
+    """Yield (record, png bytes) for one split, deterministically from `seed` and the split's own RNG stream.
+    `captions` adds the caption turn to pretrain grid items (it draws nothing from the RNG: images, questions and
+    every other split stay byte-identical)."""
     children = np.random.SeedSequence(seed).spawn(len(SPLITS))
     rng = np.random.Generator(np.random.PCG64(children[SPLITS.index(split)]))
     categories = _Deck(list(CATEGORIES), rng)
@@ -424,7 +430,8 @@ def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: i
             "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
         }
         if split == "pretrain" and scene is not None:
-            for q, a in extra_questions(rng, scene, question) + [(CAPTION_QUESTION, caption(scene, g))]:
+            more = extra_questions(rng, scene, question) + ([(CAPTION_QUESTION, caption(scene, g))] if captions else [])
+            for q, a in more:
                 record["conversations"] += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
         yield record, buf.getvalue()
 
@@ -434,11 +441,11 @@ def _is_nonempty_dir(path: Path) -> bool:
 
 
 def synth(out: Path, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 200, n_test: int = 1000,
-          seed: int = 0, difficulty: int = 1, image_size: int = 112, overwrite: bool = False) -> Path:
+          seed: int = 0, difficulty: int = 1, image_size: int = 112, captions: int = 0, overwrite: bool = False) -> Path:
     """Generate the suite into `out` (see the module docstring); returns `out`. Refuses a non-empty `out` unless
     `overwrite`. Same parameters, same bytes."""
     params = validate_params(n_pretrain=n_pretrain, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
-                             difficulty=difficulty, image_size=image_size)
+                             difficulty=difficulty, image_size=image_size, captions=captions)
     out = Path(out)
     if _is_nonempty_dir(out) and not overwrite:
         raise DataError(f"output folder {out} already exists and is not empty",
@@ -451,7 +458,8 @@ def synth(out: Path, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 
             img_dir = tmp / "images" / split
             img_dir.mkdir(parents=True)
             lines, per_cat = [], Counter()
-            for record, png in generate_split(split, n, params["seed"], params["difficulty"], params["image_size"]):
+            for record, png in generate_split(split, n, params["seed"], params["difficulty"], params["image_size"],
+                                              bool(params["captions"])):
                 (tmp / record["image"]).write_bytes(png)
                 lines.append(json.dumps(record, sort_keys=True))
                 per_cat[record["category"]] += 1
