@@ -9,6 +9,12 @@ a short probe under that same load to measure its seconds per step, then it gets
 cosine schedule needs the count up front). Every finished run is scored on the 1,000-item test split with
 `vlsi-edge eval`; the best (largest margin of the 95% CI's lower bound over chance, minimised over categories) is
 named in `OUT/summary.json`. `scripts/ship_pretrained.py` ships a chosen run like any other.
+
+Measured once (2026-11-27, one H200 with 16 host cores, budget 380 s, `benchmarks/results/pretrain-gpu-sweep-h200.json`):
+six recipes side by side ran at 0.23-0.55 s per step each (the host's collation and Python overhead, shared by six
+processes and one GPU context switch, dominate tiny models), so each got only 356-869 steps and none left the
+plateau on shape or spatial questions (best overall 0.389). A GPU helps these models through longer runs, not
+through more recipes at once.
 """
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ def test_pretrained_checkpoints_are_checked_against_their_sha256(tmp_path):
     from vlsi_edge.models import pretrained
 
     shipped = pretrained.names()
-    assert shipped == ["tiny-qwen2vl-student-pretrained", "tiny-qwen2vl-teacher-pretrained"]
+    assert shipped == ["tiny-qwen2vl-student-early-pretrained", "tiny-qwen2vl-student-pretrained",
+                       "tiny-qwen2vl-teacher-pretrained"]
     sizes = sum(pretrained.record(n)["size_mb"] for n in shipped)
     assert sizes <= 40
     root = tmp_path / "pretrained"

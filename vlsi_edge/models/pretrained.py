@@ -1,4 +1,5 @@
-"""The pretrained tiny checkpoints shipped in the package: `builtin:tiny-qwen2vl-{teacher,student}-pretrained`.
+"""The pretrained tiny checkpoints shipped in the package: `builtin:tiny-qwen2vl-{teacher,student}-pretrained`, and
+`builtin:tiny-qwen2vl-student-early-pretrained` (the reproduction's student, its pretraining stopped at 300 steps).
 
     vlsi-edge eval --model builtin:tiny-qwen2vl-teacher-pretrained --data builtin:shapes --out teacher.json
 
