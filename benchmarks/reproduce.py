@@ -270,6 +270,8 @@ def summarize(raw: dict, mode: str, work: Path) -> dict:
             for m, runs in raw["headline"].items()}
     vs_sft = {m: {s: paired([r[s] for r in raw["headline"][m]], [r[s] for r in raw["headline"]["sft"]], rng)
                   for s in ("generate", "choice")} for m in ("kd", "vlsi")}
+    vs_kd = {s: paired([r[s] for r in raw["headline"]["vlsi"]], [r[s] for r in raw["headline"]["kd"]], rng)
+             for s in ("generate", "choice")}
     gap = {}
     for s in ("generate",):
         t, base = refs["teacher"]["acc"], head["sft"][s]["acc"]
@@ -286,7 +288,8 @@ def summarize(raw: dict, mode: str, work: Path) -> dict:
     wall = {m: float(np.mean([run_seconds(f"{m}-s{s}") for s in range(MODES[mode]["seeds"])]))
             for m in ("sft", "kd", "vlsi")}
     return {"mode": mode, "teacher": TEACHER, "student": STUDENT, "data": MODES[mode]["data"], "steps": MODES[mode]["steps"],
-            "refs": refs, "headline": head, "vs_sft": vs_sft, "gap_closed": gap, "ablations": ablations,
+            "refs": refs, "headline": head, "vs_sft": vs_sft, "vlsi_vs_kd": vs_kd, "gap_closed": gap,
+            "ablations": ablations,
             "matching": matching, "figure3": raw["figure3"], "train_seconds_mean": wall,
             "seconds_total": raw["seconds_total"]}
 
@@ -294,6 +297,10 @@ def summarize(raw: dict, mode: str, work: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------- report
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
+
+
+def _p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"  # the bootstrap has 5,000 resamples
 
 
 def render(summary: dict, command: str, machine: str) -> tuple[str, list[tuple[str, str]]]:
@@ -316,10 +323,14 @@ def render(summary: dict, command: str, machine: str) -> tuple[str, list[tuple[s
     for m, label in (("sft", "SFT only"), ("kd", "final-logit KD"), ("vlsi", "VLsI")):
         r = head[m]["generate"]
         cmp = s["vs_sft"].get(m, {}).get("generate")
-        vs = f"{100 * cmp['diff']:+.1f} [{100 * cmp['lo']:+.1f}, {100 * cmp['hi']:+.1f}], p={cmp['p']:.3f}" if cmp else ""
+        vs = f"{100 * cmp['diff']:+.1f} [{100 * cmp['lo']:+.1f}, {100 * cmp['hi']:+.1f}], {_p(cmp['p'])}" if cmp else ""
         gap = _pct(s["gap_closed"].get(m)) + "%" if m in s["gap_closed"] and s["gap_closed"][m] is not None else ""
         lines.append(f"| {label} | {r['n_seeds']} | {_pct(r['acc'])} [{_pct(r['lo'])}, {_pct(r['hi'])}] | {vs} | {gap} "
                      f"| {s['train_seconds_mean'][m]:.0f} |")
+    k = s["vlsi_vs_kd"]["generate"]
+    lines += ["", f"VLsI vs final-logit KD: {100 * k['diff']:+.1f} points [{100 * k['lo']:+.1f}, {100 * k['hi']:+.1f}], "
+              f"{_p(k['p'])} (paired bootstrap over test images x seeds). Gap closed = (method - SFT only) / "
+              "(teacher - SFT only)."]
     lines += ["", "Forced-choice scoring of the same runs: " + ", ".join(
         f"{m} {_pct(head[m]['choice']['acc'])} [{_pct(head[m]['choice']['lo'])}, {_pct(head[m]['choice']['hi'])}]"
         for m in head) + ".", "", "## Per category (greedy, %)", ""]
@@ -353,7 +364,8 @@ def render(summary: dict, command: str, machine: str) -> tuple[str, list[tuple[s
     lines += ["", "## What the target layers say (Figure 3)", ""]
     for v in s["figure3"]:
         lines += [f"**{v['id']}** ({v['category']}) {v['question']} — gold `{v['gold']}`", "",
-                  "The teacher through its shared verbalizers, and the pretrained student before any training here:",
+                  "The teacher through its shared verbalizers (above it, the pretrained student after the shared "
+                  "run's one interaction step):",
                   "", "```", v["shared"].strip(), "```", "",
                   "SFT-only student (verbalizers trained afterwards on the frozen student):", "", "```",
                   v["sft"].strip(), "```", "", "VLsI student:", "",
@@ -373,7 +385,10 @@ def claims(s: dict) -> list[str]:
         c = v[m]["generate"]
         verdict = "better than" if c["lo"] > 0 else "worse than" if c["hi"] < 0 else "not distinguishable from"
         out.append(f"- {label} vs SFT only: {100 * c['diff']:+.1f} points (95% CI {100 * c['lo']:+.1f} to "
-                   f"{100 * c['hi']:+.1f}, paired bootstrap p = {c['p']:.3f}): {verdict} SFT only.")
+                   f"{100 * c['hi']:+.1f}, paired bootstrap {_p(c['p'])}): {verdict} SFT only.")
+    k = s["vlsi_vs_kd"]["generate"]
+    out.append(f"- VLsI vs final-logit KD: {100 * k['diff']:+.1f} points (95% CI {100 * k['lo']:+.1f} to "
+               f"{100 * k['hi']:+.1f}, {_p(k['p'])}); the goal was 3 points, significant.")
     gap = s["gap_closed"].get("vlsi")
     t, b = s["refs"]["teacher"]["acc"], s["headline"]["sft"]["generate"]["acc"]
     out.append(f"- Teacher {100 * t:.1f}% vs SFT-only student {100 * b:.1f}%: " + (
