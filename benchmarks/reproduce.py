@@ -39,11 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vlsi_edge.data.shapes import CHANCE
+
 TEACHER = "builtin:tiny-qwen2vl-teacher-pretrained"
 STUDENT = "builtin:tiny-qwen2vl-student-early-pretrained"   # 300 pretraining steps: the teacher is ahead of it
 DATA = "builtin:shapes:n_pretrain=30000"   # the spec the shipped checkpoints were scored with (same test split)
 RESULTS = Path(__file__).resolve().parent / "results"
-CHANCE = {"colour": 1 / 6, "count": 1 / 6, "pattern": 0.2, "shape": 0.25, "spatial": 0.25, "comparison": 0.5}
 
 MODES = {
     "full": {"seeds": 5, "ablation_seeds": 3, "teacher_verbalize": 150, "data": DATA,
@@ -147,19 +148,23 @@ class Experiment:
         run = self.train(name, method, seed, **kw)
         return {s: self.score(name, str(run / "student"), s) for s in scorings}
 
-    def parallel(self, jobs: list[tuple]) -> list:
+    def parallel(self, fn, items: list) -> list:
         with ThreadPoolExecutor(self.jobs) as pool:
-            futures = [pool.submit(self.job, *j[:4], **(j[4] if len(j) > 4 else {})) for j in jobs]
-            return [f.result() for f in futures]
+            return list(pool.map(fn, items))
+
+    def run_jobs(self, jobs: list[tuple]) -> list:
+        """Run `job(name, method, seed, scorings, **kw)` for each (name, method, seed, scorings[, kw])."""
+        return self.parallel(lambda j: self.job(*j[:4], **(j[4] if len(j) > 4 else {})), jobs)
 
     # ------------------------------------------------------------------------------------------- the plan
     def execute(self) -> dict:
         t0 = time.perf_counter()
         self.prepare()
-        refs = dict(zip(("teacher", "student"), self.parallel_scores([("teacher", TEACHER), ("student", STUDENT)])))
+        refs = dict(zip(("teacher", "student"), self.parallel(lambda p: self.score(*p, "generate"),
+                                                               [("teacher", TEACHER), ("student", STUDENT)])))
         seeds = range(self.cfg["seeds"])
         head_scorings = ("generate", "choice")
-        headline = {m: self.parallel([(f"{m}-s{s}", m, s, head_scorings) for s in seeds]) for m in ("sft", "kd", "vlsi")}
+        headline = {m: self.run_jobs([(f"{m}-s{s}", m, s, head_scorings) for s in seeds]) for m in ("sft", "kd", "vlsi")}
         ablations = {}
         a_seeds = range(self.cfg["ablation_seeds"])
         if a_seeds:
@@ -170,13 +175,13 @@ class Experiment:
                     for table, rows in grid.items() for label, sets in rows for s in a_seeds]
             jobs += [(f"nosft-s{s}", "vlsi", s, ("choice",), {"stages": "verbalize,interact", "steps": no_sft})
                      for s in a_seeds]
-            done = dict(zip([j[0] for j in jobs], self.parallel(jobs)))
-            full = {s: headline["vlsi"][s]["choice"] for s in a_seeds}
+            done = dict(zip([j[0] for j in jobs], self.run_jobs(jobs)))
+            full = [headline["vlsi"][s]["choice"] for s in a_seeds]  # VLsI as shipped: the last row of each table
             ablations["matching"] = [(label, [done[f"matching-{slug(label)}-s{s}"]["choice"] for s in a_seeds])
-                                     for label, _ in MATCHING[:-1]] + [(MATCHING[-1][0], list(full.values()))]
-            ablations["loss"] = [(LOSS_OPS[0][0], list(full.values()))] + [
+                                     for label, _ in MATCHING[:-1]] + [(MATCHING[-1][0], full)]
+            ablations["loss"] = [(LOSS_OPS[0][0], full)] + [
                 (label, [done[f"loss-{slug(label)}-s{s}"]["choice"] for s in a_seeds]) for label, _ in LOSS_OPS[1:]]
-            ablations["sft_step"] = [("verbalize -> interact -> SFT", list(full.values())),
+            ablations["sft_step"] = [("verbalize -> interact -> SFT", full),
                                      ("verbalize -> interact (no SFT step)", [done[f"nosft-s{s}"]["choice"]
                                                                               for s in a_seeds])]
         figure3 = self.verbalizer_views()
@@ -187,10 +192,6 @@ class Experiment:
         log.write_text(json.dumps(spent))
         return {"refs": refs, "headline": headline, "ablations": ablations, "figure3": figure3,
                 "seconds_total": sum(spent)}
-
-    def parallel_scores(self, pairs: list[tuple[str, str]]) -> list[dict]:
-        with ThreadPoolExecutor(self.jobs) as pool:
-            return list(pool.map(lambda p: self.score(p[0], p[1], "generate"), pairs))
 
     def verbalizer_views(self, n_items: int = 3) -> list[dict]:
         """Figure 3: each target layer's verbalizer read greedily, SFT-only student vs VLsI student (seed 0)."""
@@ -226,13 +227,24 @@ def slug(label: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- statistics
+def _correct(docs: list[dict]) -> np.ndarray:
+    return np.array([[it["correct"] for it in d["items"]] for d in docs], dtype=float)    # (seeds, items)
+
+
+def _boot_means(values: np.ndarray, docs: list[dict], rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """Means of `values` (seeds, items) over resampled test images (clusters), each image with all its seeds."""
+    index: dict[str, list[int]] = {}
+    for i, it in enumerate(docs[0]["items"]):
+        index.setdefault(it["cluster"], []).append(i)
+    groups = [np.array(v) for v in index.values()]
+    return np.array([values[:, np.concatenate([groups[k] for k in rng.integers(len(groups), size=len(groups))])].mean()
+                     for _ in range(n_boot)])
+
+
 def pooled(docs: list[dict], rng: np.random.Generator, n_boot: int = 2000) -> dict:
     """Accuracy pooled over seeds; 95% CI from resampling test images (clusters), each with all its seeds."""
-    correct = np.array([[it["correct"] for it in d["items"]] for d in docs], dtype=float)   # (seeds, items)
-    clusters = [it["cluster"] for it in docs[0]["items"]]
-    groups = _groups(clusters)
-    stats = [correct[:, np.concatenate([groups[k] for k in rng.integers(len(groups), size=len(groups))])].mean()
-             for _ in range(n_boot)]
+    correct = _correct(docs)
+    stats = _boot_means(correct, docs, rng, n_boot)
     per_seed = correct.mean(1)
     cats = {}
     for cat in sorted({it["category"] for it in docs[0]["items"]}):
@@ -245,22 +257,11 @@ def pooled(docs: list[dict], rng: np.random.Generator, n_boot: int = 2000) -> di
 
 def paired(a: list[dict], b: list[dict], rng: np.random.Generator, n_boot: int = 5000) -> dict:
     """Paired bootstrap of mean(a) - mean(b) over test images x seeds (seed i of a paired with seed i of b)."""
-    ca = np.array([[it["correct"] for it in d["items"]] for d in a], dtype=float)
-    cb = np.array([[it["correct"] for it in d["items"]] for d in b], dtype=float)
-    diff = ca - cb                                                                          # (seeds, items)
-    groups = _groups([it["cluster"] for it in a[0]["items"]])
-    boots = np.array([diff[:, np.concatenate([groups[k] for k in rng.integers(len(groups), size=len(groups))])].mean()
-                      for _ in range(n_boot)])
+    diff = _correct(a) - _correct(b)                                                        # (seeds, items)
+    boots = _boot_means(diff, a, rng, n_boot)
     d = float(diff.mean())
     p = float(min(1.0, 2 * min((boots <= 0).mean(), (boots >= 0).mean())))
     return {"diff": d, "lo": float(np.quantile(boots, 0.025)), "hi": float(np.quantile(boots, 0.975)), "p": p}
-
-
-def _groups(clusters: list[str]) -> list[np.ndarray]:
-    index: dict[str, list[int]] = {}
-    for i, c in enumerate(clusters):
-        index.setdefault(c, []).append(i)
-    return [np.array(v) for v in index.values()]
 
 
 def summarize(raw: dict, mode: str, work: Path) -> dict:
@@ -272,10 +273,8 @@ def summarize(raw: dict, mode: str, work: Path) -> dict:
                   for s in ("generate", "choice")} for m in ("kd", "vlsi")}
     vs_kd = {s: paired([r[s] for r in raw["headline"]["vlsi"]], [r[s] for r in raw["headline"]["kd"]], rng)
              for s in ("generate", "choice")}
-    gap = {}
-    for s in ("generate",):
-        t, base = refs["teacher"]["acc"], head["sft"][s]["acc"]
-        gap = {m: (head[m][s]["acc"] - base) / (t - base) if t > base else None for m in ("kd", "vlsi")}
+    t, base = refs["teacher"]["acc"], head["sft"]["generate"]["acc"]
+    gap = {m: (head[m]["generate"]["acc"] - base) / (t - base) if t > base else None for m in ("kd", "vlsi")}
     ablations = {table: [{"label": label, **pooled(docs, rng)} for label, docs in rows]
                  for table, rows in raw["ablations"].items()}
     from vlsi_edge.benchmarks.report import load_matching

@@ -28,8 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from vlsi_edge.data.shapes import CHANCE
+
 DATA = "builtin:shapes:n_pretrain=60000"
-CHANCE = {"colour": 1 / 6, "count": 1 / 6, "pattern": 0.2, "shape": 0.25, "spatial": 0.25, "comparison": 0.5}
 # name: (batch size, peak lr, warm-up steps, data-order seed)
 RECIPES = {
     "b16-lr1e-3": (16, 1e-3, 200, 0),
@@ -94,7 +95,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     names = list(RECIPES)[:2] if args.quick else list(RECIPES)
     data = "builtin:shapes:n_pretrain=400,n_test=60,n_train=0,n_val=0" if args.quick else DATA
-    test_data = data  # the test split does not depend on n_pretrain (each split has its own seed)
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // (len(names) + 1))),
            "PYTHONUNBUFFERED": "1"}
     if args.device == "cpu":
@@ -124,7 +124,8 @@ def main() -> None:
     print(f"[{time.time() - start:5.0f}s] trained: {codes}", flush=True)
 
     done = [n for n, c in codes.items() if c == 0]
-    evals = launch_all({n: cli("eval", "--model", str(out / n / "student"), "--data", test_data, "--split", "test",
+    # the test split does not depend on n_pretrain (each split has its own seed)
+    evals = launch_all({n: cli("eval", "--model", str(out / n / "student"), "--data", data, "--split", "test",
                                 "--device", args.device, "--batch-size", "50", "--name", f"teacher-{n}",
                                 "--out", str(out / n / "test.json")) for n in done}, out / "logs" / "eval", env)
     wait_all(evals, time.time() + args.eval_seconds)

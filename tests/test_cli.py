@@ -50,6 +50,13 @@ def good_dir(tmp_path):
     return tmp_path
 
 
+def _synth(tmp_path, n_train: int, n_val: int, n_test: int, seed: int):
+    out = tmp_path / "shapes"
+    assert main(["data", "synth", "--out", str(out), "--n-pretrain", "0", "--n-train", str(n_train), "--n-val",
+                 str(n_val), "--n-test", str(n_test), "--seed", str(seed)]) == 0
+    return out
+
+
 def _eval(tmp_path, data, *extra):
     out = tmp_path / "preds.json"
     rc = main(["eval", "--model", "builtin:tiny-qwen2vl-student", "--data", str(data), "--out", str(out), *extra])
@@ -143,9 +150,7 @@ def test_inspect_list(capsys):
 
 
 def test_synth_then_eval_writes_versioned_results(tmp_path, capsys):
-    out = tmp_path / "shapes"
-    assert main(["data", "synth", "--out", str(out), "--n-pretrain", "0", "--n-train", "6", "--n-val", "6",
-                 "--n-test", "12", "--seed", "3"]) == 0
+    out = _synth(tmp_path, n_train=6, n_val=6, n_test=12, seed=3)
     rc, preds = _eval(tmp_path, out, "--split", "test", "--max-new-tokens", "3", "--batch-size", "5")
     assert rc == 0
     doc = json.loads(preds.read_text())
@@ -165,9 +170,7 @@ def test_forced_choice_eval_picks_the_most_likely_answer(tmp_path, capsys):
     from vlsi_edge.data.conversations import Turn, open_dataset
     from vlsi_edge.models import load_model
 
-    out = tmp_path / "shapes"
-    assert main(["data", "synth", "--out", str(out), "--n-pretrain", "0", "--n-train", "0", "--n-val", "0",
-                 "--n-test", "6", "--seed", "4"]) == 0
+    out = _synth(tmp_path, n_train=0, n_val=0, n_test=6, seed=4)
     rc, preds = _eval(tmp_path, out, "--split", "test", "--scoring", "choice", "--batch-size", "4")
     assert rc == 0
     doc = json.loads(preds.read_text())

@@ -26,7 +26,6 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
              scoring: str = "generate", log=print) -> dict:
     import torch
 
-    from vlsi_edge.data.answers import score
     from vlsi_edge.data.collate import Collator
     from vlsi_edge.data.conversations import open_dataset
     from vlsi_edge.data.scoring import summarize
@@ -51,14 +50,14 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
         raise DataError(f"{data} split {split!r} has items without a `choices` list, which --scoring choice needs",
                         "use --scoring generate, or add choices to the items")
     adapter = load_model(model, dtype=dtype, device=device)
-    collate = Collator(adapter, mode="generate")
+    collate = Collator(adapter, mode="train" if scoring == "choice" else "generate")
     tok = adapter.tokenizer
     items, t0 = [], time.perf_counter()
     with torch.inference_mode():
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
             if scoring == "choice":
-                items += _forced_choice(adapter, chunk, device)
+                items += _forced_choice(adapter, collate, chunk, device)
                 continue
             batch = {k: v.to(device) for k, v in collate(chunk).items()}
             gen = adapter.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -66,11 +65,7 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
             new = gen[:, batch["input_ids"].shape[1]:]
             for sample, ids in zip(chunk, new.tolist()):
                 raw = tok.decode(ids, skip_special_tokens=True).strip()
-                choices = sample.meta.get("choices")
-                parsed, correct = score(raw, sample.answer, choices)
-                items.append({"id": sample.id, "category": sample.category, "cluster": sample.cluster,
-                              "question": sample.question, "gold": sample.answer, "raw": raw, "parsed": parsed,
-                              "correct": bool(correct)})
+                items.append(_item(sample, raw, sample.meta.get("choices")))
             if 10 * len(items) // len(samples) > 10 * (len(items) - len(chunk)) // len(samples):
                 log(f"eval {len(items)}/{len(samples)}", file=sys.stderr)  # every tenth of the way
     seconds = time.perf_counter() - t0
@@ -92,38 +87,38 @@ def evaluate(model: str, data: str, out: Path, split: str = "test", batch_size: 
     return doc
 
 
-def _forced_choice(adapter, chunk: list, device: str) -> list[dict]:
+def _item(sample, raw: str, choices) -> dict:
+    """One scored prediction, as the results schema stores it."""
+    from vlsi_edge.data.answers import score
+
+    parsed, correct = score(raw, sample.answer, choices)
+    return {"id": sample.id, "category": sample.category, "cluster": sample.cluster, "question": sample.question,
+            "gold": sample.answer, "raw": raw, "parsed": parsed, "correct": bool(correct)}
+
+
+def _forced_choice(adapter, collate, chunk: list, device: str) -> list[dict]:
     """Score each item's answer set by the summed log-probability of the whole answer (its tokens and the end of
-    the turn) after the prompt; the most likely entry is the prediction."""
+    the turn) after the prompt, with `collate` a train-mode Collator; the most likely entry is the prediction."""
     import dataclasses
 
     import torch
 
-    from vlsi_edge.data.answers import score
-    from vlsi_edge.data.collate import Collator
+    from vlsi_edge.data.collate import IGNORE
     from vlsi_edge.data.conversations import Turn
 
-    collate = Collator(adapter, mode="train")
-    variants, owner = [], []
-    for i, sample in enumerate(chunk):
-        for choice in sample.meta["choices"]:
-            variants.append(dataclasses.replace(sample, turns=(*sample.turns[:-1], Turn("assistant", str(choice)))))
-            owner.append(i)
+    variants = [dataclasses.replace(sample, turns=(*sample.turns[:-1], Turn("assistant", str(choice))))
+                for sample in chunk for choice in sample.meta["choices"]]
     batch = {k: v.to(device) for k, v in collate(variants).items()}
     labels = batch.pop("labels")
     logits = adapter.model(**batch).logits[:, :-1].float()
     target = labels[:, 1:]
-    keep = target != -100
     logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    totals = (logp * keep).sum(-1).tolist()
+    totals = (logp * (target != IGNORE)).sum(-1).tolist()
     items, pos = [], 0
-    for i, sample in enumerate(chunk):
+    for sample in chunk:
         choices = [str(c) for c in sample.meta["choices"]]
         scores = totals[pos:pos + len(choices)]
         pos += len(choices)
         pick = choices[max(range(len(choices)), key=scores.__getitem__)]
-        parsed, correct = score(pick, sample.answer, choices)
-        items.append({"id": sample.id, "category": sample.category, "cluster": sample.cluster,
-                      "question": sample.question, "gold": sample.answer, "raw": pick, "parsed": parsed,
-                      "correct": bool(correct), "choice_logp": [round(x, 4) for x in scores]})
+        items.append({**_item(sample, pick, choices), "choice_logp": [round(x, 4) for x in scores]})
     return items

@@ -77,6 +77,9 @@ ANSWERS = {
     "comparison": YES_NO,
     "pattern": COLOUR_NAMES + SHAPES,
 }
+# chance accuracy per category of the test split (pattern: half colour, half shape questions, 0.21, given as 0.20 as
+# in the README's tables)
+CHANCE = {"colour": 1 / 6, "count": 1 / 6, "pattern": 0.2, "shape": 0.25, "spatial": 0.25, "comparison": 0.5}
 _SUFFIX = {"word": "Answer with one word.", "number": "Answer with a number.",
            "relation": "Answer left, right, above or below.", "yesno": "Answer yes or no."}
 _GRID = {1: 4, 2: 4, 3: 5, 4: 5, 5: 5}
