@@ -38,7 +38,28 @@ if [ ! -d "$run/student" ]; then
     --split pretrain --out "$run" --steps 300 --batch-size 16 --lr 1e-3 \
     --set optim.warmup_steps=100 train.checkpoint_every=250 "${resume[@]}"
 fi
-for role in student teacher student-early; do
+# The teacher's curriculum (issue 3: every test category above chance): the 3,000-step teacher continued through three
+# warm-up stages of builtin:shapes (n_curriculum: one large object, one small object, two objects in a line; questions
+# on shape, colour, which half, and relations), then the pretrain mix again, with caption turns, to keep the rest.
+# Each stage is one `vlsi-edge train` run that starts from the last stage's student/ with a fresh warm-up and cosine
+# schedule (~1 s/step on two threads for the warm-up stages, ~2 s/step for the mix).
+CURRICULUM="builtin:shapes:n_pretrain=0,n_train=0,n_val=0,n_test=0,n_curriculum=6000"
+prev="$OUT/teacher/student"
+for stage in "solo-large 500 1e-3 $CURRICULUM" "solo-small 500 1e-3 $CURRICULUM" "pairs 700 5e-4 $CURRICULUM" \
+             "pretrain 600 5e-4 $DATA,captions=1"; do
+  read -r split steps lr data <<< "$stage"
+  run="$OUT/teacher-curriculum/$split"
+  if [ ! -d "$run/student" ]; then
+    resume=()
+    [ -f "$run/state/latest.json" ] && resume=(--resume)
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$BIN/vlsi-edge" train --model "$prev" --data "$data" --split "$split" \
+      --out "$run" --steps "$steps" --batch-size 16 --lr "$lr" \
+      --set optim.warmup_steps=50 train.checkpoint_every=250 "${resume[@]}"
+  fi
+  prev="$run/student"
+done
+mkdir -p "$OUT/teacher-curriculum/student" && cp -r "$prev"/. "$OUT/teacher-curriculum/student/"
+for role in student teacher student-early teacher-curriculum; do
   "$BIN/vlsi-edge" eval --model "$OUT/$role/student" --data "$DATA" --split test --name "tiny-$role" \
     --out "$OUT/$role-test.json"
 done

@@ -67,9 +67,11 @@ def test_soak_quick(tmp_path):
 
 @pytest.mark.slow
 def test_position_readout_quick(tmp_path):
-    """The position probe's whole path (items, train, eval, table) for one model and axis, a few steps."""
+    """The position probe's whole path (items, the large-object warm-up, train, eval, table) for one model and axis, a
+    few steps."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "position_readout.py"), "--models",
                            "builtin:tiny-qwen2vl-student", "--axes", "horizontal", "--steps", "2", "--n-train", "16",
+                           "--warmup-steps", "2",
                            "--n-test", "8", "--workdir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -77,6 +79,7 @@ def test_position_readout_quick(tmp_path):
     assert report["benchmark"] == "position_readout" and len(report["rows"]) == 1
     row = report["rows"][0]
     assert row["n"] == 8 and 0.0 <= row["accuracy"] <= 1.0 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+    assert row["warmup_steps"] == 2 and (tmp_path / "run-horizontal-tiny-qwen2vl-student-large" / "student").is_dir()
     items = json.loads((tmp_path / "data-horizontal-test" / "items.json").read_text())
     assert [i["conversations"][1]["value"] for i in items[:4]] == ["left", "right", "left", "right"]
 

@@ -173,6 +173,54 @@ def test_pretrain_grid_items_end_with_a_caption_that_the_pixels_confirm():
         assert all(t["value"] != shapes.CAPTION_QUESTION for t in r["conversations"])
 
 
+def test_curriculum_splits_are_answerable_and_leave_the_suite_unchanged(tmp_path):
+    """n_curriculum=N adds three warm-up splits (one large object, one small object, two objects in a line); every
+    answer of every turn follows from the pixels; the other splits stay byte-identical; N=0 writes none of them."""
+    plain = _hashes(shapes.synth(tmp_path / "a", **SMALL))
+    staged = _hashes(shapes.synth(tmp_path / "b", **SMALL, n_curriculum=24))
+    assert {k: v for k, v in staged.items() if k in plain and k != "info.json"} == \
+        {k: v for k, v in plain.items() if k != "info.json"}
+    assert not [k for k in plain if any(stage in k for stage in shapes.CURRICULUM_SPLITS)]
+    area = {}
+    for split in shapes.CURRICULUM_SPLITS:
+        records = json.loads((tmp_path / "b" / f"{split}.json").read_text())
+        assert len(records) == 24 and len({r["id"] for r in records}) == 24
+        sizes = []
+        for r in records:
+            png = (tmp_path / "b" / r["image"]).read_bytes()
+            objs = components(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+            assert len(objs) == (2 if split == "pairs" else 1), r["id"]
+            sizes += [o.area for o in objs]
+            turns = [t["value"] for t in r["conversations"]]
+            assert turns[0].startswith("<image>\n") and r["conversations"][1]["value"] in r["choices"]
+            for question, answer in zip(turns[::2], turns[1::2]):
+                assert solve(png, question) == answer, (r["id"], question)
+            if split == "pairs":
+                a, b = objs
+                assert abs(a.cx - b.cx) < 14 or abs(a.cy - b.cy) < 14      # one row or one column of the 4x4 grid
+            else:
+                assert len(turns) == 8 and {"left", "right"} & set(turns) and {"top", "bottom"} & set(turns)
+        area[split] = np.median(sizes)
+    assert area["solo-large"] > 3 * area["solo-small"]
+    answers = Counter(json.loads((tmp_path / "b" / "pairs.json").read_text())[i]["conversations"][1]["value"]
+                      for i in range(24))
+    assert answers == {r: 6 for r in shapes.RELATIONS}                      # dealt from a deck
+    assert sorted(json.loads((tmp_path / "b" / "info.json").read_text())["totals"]) == sorted(
+        shapes.SPLITS + shapes.CURRICULUM_SPLITS)
+
+
+def test_curriculum_cache_and_split_names(tmp_path, monkeypatch):
+    """n_curriculum=0 names the same cache folder as no n_curriculum (older caches stay valid); its stages open as
+    splits of the builtin spec."""
+    monkeypatch.setenv("VLSI_EDGE_CACHE", str(tmp_path))
+    base = "builtin:shapes:n_pretrain=0,n_train=4,n_val=0,n_test=4"
+    assert open_dataset(base, split="test").files == open_dataset(base + ",n_curriculum=0", split="test").files
+    staged = open_dataset(base + ",n_curriculum=4", split="solo-small")
+    assert len(staged) == 4 and staged.files != open_dataset(base, split="test").files
+    with pytest.raises(DataError, match="split 'solo-small' not found"):
+        open_dataset(base, split="solo-small")
+
+
 def test_solver_other_image_size_and_unknown_question():
     items = list(shapes.generate_split("test", 60, 2, 3, 224))
     assert all(solve(png, r["conversations"][0]["value"]) == r["conversations"][1]["value"] for r, png in items)

@@ -35,6 +35,7 @@ _QUESTIONS = (
     ("spatial", re.compile(rf"where is the ({_COLOUR_RE}) ({_SHAPE_RE}) relative to the ({_COLOUR_RE}) ({_SHAPE_RE})")),
     ("comparison", re.compile(rf"are there more ({_PLURAL_RE}) than ({_PLURAL_RE})")),
     ("pattern", re.compile(r"what (colou?r|shape) belongs in the empty cell")),
+    ("position", re.compile(rf"is the ({_COLOUR_RE}) ({_SHAPE_RE}) (on the left or the right|at the top or the bottom)")),
 )
 
 
@@ -190,6 +191,12 @@ def solve(png: bytes, question: str) -> str:
         n1 = sum(o.shape == _SINGULAR[m.group(1)] for o in objs)
         n2 = sum(o.shape == _SINGULAR[m.group(2)] for o in objs)
         return "yes" if n1 > n2 else "no"
+    if kind == "position":  # which half of the image (the curriculum's solo items)
+        hits = [o for o in objs if (o.colour, o.shape) == (m.group(1), m.group(2))]
+        side = Image.open(io.BytesIO(png)).size[0] / 2
+        if m.group(3).startswith("on"):
+            return "left" if not hits or hits[0].cx < side else "right"
+        return "top" if not hits or hits[0].cy < side else "bottom"
     attr = "colour" if m.group(1).startswith("colo") else "shape"
     answer = _pattern(objs, box, attr)
     return answer if answer is not None else (COLOUR_NAMES[0] if attr == "colour" else SHAPES[0])
