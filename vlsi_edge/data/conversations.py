@@ -330,7 +330,8 @@ def _builtin_folder(spec: str) -> Path:
             raise DataError(f"builtin parameter {key.strip()}={value.strip()!r} in {spec!r} is not an integer",
                             "expected an integer value") from None
     params = shapes.validate_params(**params)
-    hashed = {k: v for k, v in params.items() if not (k in ("captions", "n_curriculum") and v == 0)}  # older caches stay valid
+    # options at their off value are left out of the hash, so caches made before they existed stay valid
+    hashed = {k: v for k, v in params.items() if not (k in ("captions", "n_curriculum") and v == 0)}
     digest = hashlib.sha256(json.dumps({"params": hashed, "version": shapes.GENERATOR_VERSION},
                                        sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / "data" / f"shapes-{digest}"

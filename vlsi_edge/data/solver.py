@@ -35,7 +35,8 @@ _QUESTIONS = (
     ("spatial", re.compile(rf"where is the ({_COLOUR_RE}) ({_SHAPE_RE}) relative to the ({_COLOUR_RE}) ({_SHAPE_RE})")),
     ("comparison", re.compile(rf"are there more ({_PLURAL_RE}) than ({_PLURAL_RE})")),
     ("pattern", re.compile(r"what (colou?r|shape) belongs in the empty cell")),
-    ("position", re.compile(rf"is the ({_COLOUR_RE}) ({_SHAPE_RE}) (on the left or the right|at the top or the bottom)")),
+    ("position", re.compile(rf"is the ({_COLOUR_RE}) ({_SHAPE_RE}) "
+                            r"(on the left or the right|at the top or the bottom)")),
 )
 
 
