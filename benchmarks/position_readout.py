@@ -29,19 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
+from vlsi_edge.data.shapes import COLOURS, SHAPES, draw_shape, position_question
+from vlsi_edge.data.shapes import POSITION_QUESTIONS as AXES  # axis: (first half, second half, phrase)
+
 ROOT = Path(__file__).resolve().parents[1]
-AXES = {"horizontal": ("left", "right", "on the left or the right"),
-        "vertical": ("top", "bottom", "at the top or the bottom")}
 SMALL, LARGE = (20, 40), (44, 53)   # object sides in px, [lo, hi)
 
 
 def make_items(folder: Path, axis: str, n: int, seed: int, frame: bool = False, sizes: tuple[int, int] = SMALL) -> Path:
     from PIL import Image, ImageDraw
 
-    from vlsi_edge.data.shapes import COLOURS, SHAPES, draw_shape
-
     rng = np.random.default_rng(seed)
-    first, second, phrase = AXES[axis]
+    first, second, _ = AXES[axis]
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for k in range(n):
@@ -61,7 +60,7 @@ def make_items(folder: Path, axis: str, n: int, seed: int, frame: bool = False, 
         image.save(folder / rel)
         records.append({"id": f"{axis}-{seed}-{k:05d}", "image": rel, "category": "spatial", "choices": [first, second],
                         "conversations": [
-                            {"from": "human", "value": f"<image>\nIs the {colour} {shape} {phrase}? Answer with one word."},
+                            {"from": "human", "value": f"<image>\n{position_question(colour, shape, axis)}"},
                             {"from": "gpt", "value": side}]})
     path = folder / "items.json"
     path.write_text(json.dumps(records))
@@ -100,15 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             name = model.removeprefix("builtin:").replace("/", "_")
             run, log = work / f"run-{axis}-{name}", work / f"{axis}-{name}.log"
+            stages = ([(large, args.warmup_steps, Path(f"{run}-large"))] if args.warmup_steps else []) + [
+                (train, args.steps, run)]
             start = model
-            if args.warmup_steps:
-                _cli("train", "--model", model, "--data", str(large), "--split", "train", "--out", f"{run}-large",
-                     "--steps", str(args.warmup_steps), "--batch-size", "16", "--lr", "1e-3", "--overwrite",
+            for data, steps, out in stages:
+                _cli("train", "--model", start, "--data", str(data), "--split", "train", "--out", str(out),
+                     "--steps", str(steps), "--batch-size", "16", "--lr", "1e-3", "--overwrite",
                      "--set", "optim.warmup_steps=50", "train.checkpoint_every=100000", log=log)
-                start = f"{run}-large/student"
-            _cli("train", "--model", start, "--data", str(train), "--split", "train", "--out", str(run),
-                 "--steps", str(args.steps), "--batch-size", "16", "--lr", "1e-3", "--overwrite",
-                 "--set", "optim.warmup_steps=50", "train.checkpoint_every=100000", log=log)
+                start = str(out / "student")
             _cli("eval", "--model", str(run / "student"), "--data", str(test), "--out", str(run / "test.json"), log=log)
             overall = json.loads((run / "test.json").read_text())["metrics"]["overall"]
             rows.append({"axis": axis, "model": model, "warmup_steps": args.warmup_steps, "steps": args.steps,

@@ -20,25 +20,22 @@ OUT=${1:-pretrain-out}
 DATA="builtin:shapes:n_pretrain=30000"
 STEPS=${STEPS:-3000}
 mkdir -p "$OUT"
-for role in student teacher; do
-  run="$OUT/$role"
-  resume=()
+train_run() {  # THREADS RUN TRAIN_ARGS...: one `vlsi-edge train` run, skipped when done, resumed when interrupted
+  local threads=$1 run=$2 resume=()
+  shift 2
+  [ -d "$run/student" ] && { echo "already trained: $run/student"; return; }
   [ -f "$run/state/latest.json" ] && resume=(--resume)
-  [ -d "$run/student" ] && { echo "$role: already trained ($run/student)"; continue; }
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$BIN/vlsi-edge" train --model "builtin:tiny-qwen2vl-$role" --data "$DATA" \
-    --split pretrain --out "$run" --steps "$STEPS" --batch-size 16 --lr 1e-3 \
-    --set optim.warmup_steps=200 train.checkpoint_every=250 "${resume[@]}"
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} "$BIN/vlsi-edge" train --out "$run" --batch-size 16 \
+    --set train.checkpoint_every=250 "$@" "${resume[@]}"
+}
+for role in student teacher; do
+  train_run 1 "$OUT/$role" --model "builtin:tiny-qwen2vl-$role" --data "$DATA" --split pretrain --steps "$STEPS" \
+    --lr 1e-3 --set optim.warmup_steps=200
 done
 # The reproduction's student (benchmarks/reproduce.py): the same recipe cut to 300 steps (100 warm-up, two
 # threads), still at the answer prior, so that the teacher is ahead of it; the 3,000-step student is not (README).
-run="$OUT/student-early"
-if [ ! -d "$run/student" ]; then
-  resume=()
-  [ -f "$run/state/latest.json" ] && resume=(--resume)
-  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$BIN/vlsi-edge" train --model builtin:tiny-qwen2vl-student --data "$DATA" \
-    --split pretrain --out "$run" --steps 300 --batch-size 16 --lr 1e-3 \
-    --set optim.warmup_steps=100 train.checkpoint_every=250 "${resume[@]}"
-fi
+train_run 2 "$OUT/student-early" --model builtin:tiny-qwen2vl-student --data "$DATA" --split pretrain --steps 300 \
+  --lr 1e-3 --set optim.warmup_steps=100
 # The size curriculum (README, "The size curriculum"): a pretrained model continued through the warm-up splits of
 # builtin:shapes (n_curriculum: one large object, one small object, two objects in a line; questions on shape,
 # colour, which half, and relations), then the pretrain mix again to keep the rest. Each stage is one `vlsi-edge
@@ -46,18 +43,13 @@ fi
 # on two threads for the warm-up stages, ~2 s/step for the mix).
 CURRICULUM="builtin:shapes:n_pretrain=0,n_train=0,n_val=0,n_test=0,n_curriculum=6000"
 curriculum() {  # NAME START "K SPLIT STEPS LR DATA" ...
-  local name=$1 prev=$2 stage k split steps lr data run resume
+  local name=$1 prev=$2 stage k split steps lr data run
   shift 2
   for stage in "$@"; do
     read -r k split steps lr data <<< "$stage"
     run="$OUT/$name/$k-$split"
-    if [ ! -d "$run/student" ]; then
-      resume=()
-      [ -f "$run/state/latest.json" ] && resume=(--resume)
-      OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$BIN/vlsi-edge" train --model "$prev" --data "$data" --split "$split" \
-        --out "$run" --steps "$steps" --batch-size 16 --lr "$lr" \
-        --set optim.warmup_steps=50 train.checkpoint_every=250 "${resume[@]}"
-    fi
+    train_run 2 "$run" --model "$prev" --data "$data" --split "$split" --steps "$steps" --lr "$lr" \
+      --set optim.warmup_steps=50
     prev="$run/student"
   done
   mkdir -p "$OUT/$name/student" && cp -r "$prev"/. "$OUT/$name/student/"

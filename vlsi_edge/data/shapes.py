@@ -421,27 +421,37 @@ def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: i
         easy = split == "pretrain" and i % 2 == 0 and category != "pattern"
         while True:
             img, question, choices, scene, g = make_item(rng, category, key, answer, difficulty, image_size, easy)
-            digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
-            if digest not in seen:
-                seen.add(digest)
+            if _is_new(img, seen):
                 break
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)
-        item_id = f"{split}-{i:06d}"
-        record = {
-            "id": item_id,
-            "image": f"images/{split}/{item_id}.png",
-            "image_id": item_id,
-            "category": category,
-            "choices": choices,
-            "difficulty": 0 if easy else difficulty,
-            "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
-        }
+        turns = [(question, answer)]
         if split == "pretrain" and scene is not None:
-            more = extra_questions(rng, scene, question) + ([(CAPTION_QUESTION, caption(scene, g))] if captions else [])
-            for q, a in more:
-                record["conversations"] += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-        yield record, buf.getvalue()
+            turns += extra_questions(rng, scene, question)
+            turns += [(CAPTION_QUESTION, caption(scene, g))] if captions else []
+        yield _item(split, i, img, category, choices, 0 if easy else difficulty, turns)
+
+
+def _is_new(img: Image.Image, seen: set[bytes]) -> bool:
+    """True (and remembered) the first time these pixels appear in a split: every image of a split is unique."""
+    digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+    if digest in seen:
+        return False
+    seen.add(digest)
+    return True
+
+
+def _item(split: str, i: int, img: Image.Image, category: str, choices: list[str], difficulty: int,
+          turns: list[tuple[str, str]]) -> tuple[dict, bytes]:
+    """(record, png bytes) of item i of a split: the image placeholder opens the first of the (question, answer)
+    turns."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    item_id = f"{split}-{i:06d}"
+    conversations = []
+    for k, (question, answer) in enumerate(turns):
+        conversations += [{"from": "human", "value": f"<image>\n{question}" if k == 0 else question},
+                          {"from": "gpt", "value": answer}]
+    return {"id": item_id, "image": f"images/{split}/{item_id}.png", "image_id": item_id, "category": category,
+            "choices": choices, "difficulty": difficulty, "conversations": conversations}, buf.getvalue()
 
 
 def _split_rng(split: str, seed: int) -> np.random.Generator:
@@ -496,9 +506,7 @@ def generate_curriculum_split(split: str, n: int, seed: int, image_size: int):
                 cells = [int(rng.integers(g * g))]
             for (colour, shape), (x, y, s) in zip(scene_objects, _grid_boxes(rng, cells, g, image_size)):
                 draw_shape(draw, shape, x, y, s, COLOURS[colour])
-            digest = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
-            if digest not in seen:
-                seen.add(digest)
+            if _is_new(img, seen):
                 break
         scene = [(colour, shape, *divmod(cell, g)) for (colour, shape), cell in zip(scene_objects, cells)]
         if split == "pairs":
@@ -512,15 +520,7 @@ def generate_curriculum_split(split: str, n: int, seed: int, image_size: int):
                      (position_question(colour, shape, "vertical"), "top" if row < g // 2 else "bottom")]
             turns = [(question_text("shape", colour), shape), (question_text("colour", shape), colour)]
             turns += [where[int(k)] for k in rng.permutation(2)]
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)
-        item_id = f"{split}-{i:06d}"
-        conversations = []
-        for k, (q, answer) in enumerate(turns):
-            conversations += [{"from": "human", "value": f"<image>\n{q}" if k == 0 else q},
-                              {"from": "gpt", "value": answer}]
-        yield {"id": item_id, "image": f"images/{split}/{item_id}.png", "image_id": item_id, "category": category,
-               "choices": choices, "difficulty": 0, "conversations": conversations}, buf.getvalue()
+        yield _item(split, i, img, category, choices, 0, turns)
 
 
 def _is_nonempty_dir(path: Path) -> bool:
