@@ -163,6 +163,14 @@ def test_open_dataset_file_and_folder(root):
         open_dataset(str(root), split="val")
     with pytest.raises(DataError, match="dataset not found"):
         open_dataset(str(root / "nope"))
+    both = open_dataset(str(root), split="test+train")
+    assert [s.id for s in both] == ["3", "1", "2"] and both.split == "test+train"
+    with pytest.raises(DataError, match=r"split 'val' not found"):
+        open_dataset(str(root), split="train+val")
+    with pytest.raises(DataError, match="empty or repeated split"):
+        open_dataset(str(root), split="train+train")
+    with pytest.raises(DataError, match="empty or repeated split"):
+        open_dataset(str(root), split="train+")
     single = root / "single"
     single.mkdir()
     _jsonl(single / "val.jsonl", [_rec(5, image=None)])

@@ -228,7 +228,7 @@ def train(model: str, data: str, out: str, steps: int | None = None, config: str
         out: run folder (config.yaml, state/, metrics.jsonl, student/)
         steps: optimizer steps
         config: a YAML preset or a recipe name (flags override it)
-        split: data split to train on (default train; pretraining uses pretrain)
+        split: data split to train on (default train; pretraining uses pretrain; a+b: their union)
         batch_size: micro-batch size per process
         lr: peak learning rate
         seed: run seed (data order, initialisation of verbalizers, matching)
@@ -272,7 +272,7 @@ def distill(student: str | None = None, data: str | None = None, out: str | None
         method: vlsi (the paper), sft (no teacher), or kd (final-logit distillation)
         stages: comma list from verbalize,interact,sft (vlsi only)
         steps: optimizer steps: N for every stage, or verbalize=N,interact=N,sft=N
-        split: data split to train on
+        split: data split to train on (a+b: the union of splits a and b)
         batch_size: micro-batch size per process
         grad_accum: micro-batches per optimizer step
         lr: peak learning rate

@@ -363,13 +363,20 @@ def _open_folder(folder: Path, split, image_root, skip_bad, name: str) -> Datase
             raise DataError(f"dataset folder {folder} holds several splits ({', '.join(found)}) and no split was given",
                             "expected a split, e.g. --split test")
         split = next(iter(found))
-    if split not in found:
-        raise DataError(f"split {split!r} not found in dataset folder {folder}",
-                        f"expected one of the splits present: {', '.join(found)}")
-    if len(found[split]) > 1:
-        raise DataError(f"split {split!r} in {folder} has both {found[split][0].name} and {found[split][1].name}",
-                        "expected exactly one file per split")
-    return Dataset(name, found[split], split, image_root if image_root is not None else folder, skip_bad)
+    parts = split.split("+")    # "pairs+pretrain": the union of several splits, shuffled together by the trainer
+    if len(set(parts)) != len(parts) or not all(parts):
+        raise DataError(f"split {split!r} names an empty or repeated split",
+                        "expected split names joined by '+', each once, e.g. --split pairs+pretrain")
+    files = []
+    for part in parts:
+        if part not in found:
+            raise DataError(f"split {part!r} not found in dataset folder {folder}",
+                            f"expected one of the splits present: {', '.join(found)}")
+        if len(found[part]) > 1:
+            raise DataError(f"split {part!r} in {folder} has both {found[part][0].name} and {found[part][1].name}",
+                            "expected exactly one file per split")
+        files += found[part]
+    return Dataset(name, files, split, image_root if image_root is not None else folder, skip_bad)
 
 
 def open_dataset(spec: str, split: str | None = None, image_root: str | Path | None = None,
