@@ -174,7 +174,8 @@ def test_pretrain_grid_items_end_with_a_caption_that_the_pixels_confirm():
 
 
 def test_curriculum_splits_are_answerable_and_leave_the_suite_unchanged(tmp_path):
-    """n_curriculum=N adds three warm-up splits (one large object, one small object, two objects in a line); every
+    """n_curriculum=N adds four warm-up splits (one large object, one small object, two objects in a line, the same
+    with a distractor); every
     answer of every turn follows from the pixels; the other splits stay byte-identical; N=0 writes none of them."""
     plain = _hashes(shapes.synth(tmp_path / "a", **SMALL))
     staged = _hashes(shapes.synth(tmp_path / "b", **SMALL, n_curriculum=24))
@@ -189,22 +190,22 @@ def test_curriculum_splits_are_answerable_and_leave_the_suite_unchanged(tmp_path
         for r in records:
             png = (tmp_path / "b" / r["image"]).read_bytes()
             objs = components(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-            assert len(objs) == (2 if split == "pairs" else 1), r["id"]
+            assert len(objs) == {"pairs": 2, "triples": 3}.get(split, 1), r["id"]
             sizes += [o.area for o in objs]
             turns = [t["value"] for t in r["conversations"]]
             assert turns[0].startswith("<image>\n") and r["conversations"][1]["value"] in r["choices"]
             for question, answer in zip(turns[::2], turns[1::2]):
                 assert solve(png, question) == answer, (r["id"], question)
-            if split == "pairs":
-                a, b = objs
+            if split in ("pairs", "triples"):
+                a, b = [o for o in objs if f"the {o.colour} {o.shape}" in turns[0]]    # the two named ones
                 assert abs(a.cx - b.cx) < 14 or abs(a.cy - b.cy) < 14      # one row or one column of the 4x4 grid
             else:
                 assert len(turns) == 8 and {"left", "right"} & set(turns) and {"top", "bottom"} & set(turns)
         area[split] = np.median(sizes)
     assert area["solo-large"] > 3 * area["solo-small"]
-    answers = Counter(json.loads((tmp_path / "b" / "pairs.json").read_text())[i]["conversations"][1]["value"]
-                      for i in range(24))
-    assert answers == {r: 6 for r in shapes.RELATIONS}                      # dealt from a deck
+    for split in ("pairs", "triples"):
+        answers = Counter(r["conversations"][1]["value"] for r in json.loads((tmp_path / "b" / f"{split}.json").read_text()))
+        assert answers == {r: 6 for r in shapes.RELATIONS}                  # dealt from a deck
     assert sorted(json.loads((tmp_path / "b" / "info.json").read_text())["totals"]) == sorted(
         shapes.SPLITS + shapes.CURRICULUM_SPLITS)
 
@@ -217,6 +218,7 @@ def test_curriculum_cache_and_split_names(tmp_path, monkeypatch):
     assert open_dataset(base, split="test").files == open_dataset(base + ",n_curriculum=0", split="test").files
     staged = open_dataset(base + ",n_curriculum=4", split="solo-small")
     assert len(staged) == 4 and staged.files != open_dataset(base, split="test").files
+    assert len(open_dataset(base + ",n_curriculum=4", split="pairs+triples")) == 8
     with pytest.raises(DataError, match="split 'solo-small' not found"):
         open_dataset(base, split="solo-small")
 

@@ -129,7 +129,7 @@ def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: in
         difficulty: 1..5: more objects, distractors and clutter
         image_size: side of the square images in pixels
         captions: end each pretrain grid item with a turn that names every cell of its grid
-        n_curriculum: items in each warm-up stage before pretrain (solo-large, solo-small, pairs; 0: none)
+        n_curriculum: items in each warm-up stage before pretrain (solo-large, solo-small, pairs, triples; 0: none)
         overwrite: replace an existing non-empty folder
     """
     from vlsi_edge.data.shapes import synth

@@ -29,9 +29,10 @@ most one distractor, so objects are two to four times larger; `difficulty` 0 in 
 vision tower gets off the answer-prior plateau on large objects far sooner than on the test split's small ones; easy
 colour and shape items show a single object filling most of the image.
 
-`n_curriculum=N` (0 by default, and then nothing changes) adds three warm-up splits of N items each, meant to be
+`n_curriculum=N` (0 by default, and then nothing changes) adds four warm-up splits of N items each, meant to be
 trained on in this order before `pretrain`: `solo-large` (one object on a 2x2 grid), `solo-small` (one object on
-the test split's 4x4 grid) and `pairs` (two objects in one row or column); see `generate_curriculum_split`.
+the test split's 4x4 grid), `pairs` (two objects in one row or column) and `triples` (a pair and one distractor);
+see `generate_curriculum_split`.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ GENERATOR_VERSION = 2
 CATEGORIES = ("colour", "shape", "count", "spatial", "comparison", "pattern")
 SPLITS = ("pretrain", "train", "val", "test")
 # warm-up stages before `pretrain`, written only with n_curriculum > 0 (see `generate_curriculum_split`)
-CURRICULUM_SPLITS = ("solo-large", "solo-small", "pairs")
+CURRICULUM_SPLITS = ("solo-large", "solo-small", "pairs", "triples")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 160, 60),
@@ -478,6 +479,8 @@ def generate_curriculum_split(split: str, n: int, seed: int, image_size: int):
     - `solo-small`: the same on a 4x4 grid, the test split's cell and object size (14-24 px).
     - `pairs`: two objects in one row or column of a 4x4 grid and nothing else; asks the test split's spatial
       question, then up to three follow-ups (`extra_questions`).
+    - `triples`: a pair as in `pairs` plus one distractor in another cell (the test has one or two), so the two
+      named objects have to be found among others; the same questions.
 
     Why: a tiny Qwen2-VL has no absolute position embedding, and a small object is one image token in sixteen. Trained
     from random init on small objects it stays at the answer prior, even for one object alone (measured: 2,500 student
@@ -494,13 +497,17 @@ def generate_curriculum_split(split: str, n: int, seed: int, image_size: int):
             img = Image.new("RGB", (image_size, image_size), (255, 255, 255))
             draw = ImageDraw.Draw(img)
             _clutter(draw, rng, 1, image_size)
-            if split == "pairs":
+            if split in ("pairs", "triples"):
                 relation = relations.draw()
                 a = objects.draw()
                 while (b := (_pick(rng, COLOUR_NAMES), _pick(rng, SHAPES))) == a:
                     pass
-                cells = _spatial_cells(rng, relation, g, 2)
                 scene_objects = [a, b]
+                if split == "triples":      # one distractor, never a copy of a named object
+                    while (d := (_pick(rng, COLOUR_NAMES), _pick(rng, SHAPES))) in (a, b):
+                        pass
+                    scene_objects.append(d)
+                cells = _spatial_cells(rng, relation, g, len(scene_objects))
             else:
                 scene_objects = [objects.draw()]
                 cells = [int(rng.integers(g * g))]
@@ -509,7 +516,7 @@ def generate_curriculum_split(split: str, n: int, seed: int, image_size: int):
             if _is_new(img, seen):
                 break
         scene = [(colour, shape, *divmod(cell, g)) for (colour, shape), cell in zip(scene_objects, cells)]
-        if split == "pairs":
+        if split in ("pairs", "triples"):
             category, choices = "spatial", list(RELATIONS)
             first = question_text("spatial", (a, b))
             turns = [(first, relation)] + extra_questions(rng, scene, first)
