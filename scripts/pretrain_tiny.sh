@@ -55,8 +55,8 @@ curriculum() {  # NAME START "K SPLIT STEPS LR DATA [SEED]" ...
   mkdir -p "$OUT/$name/student" && cp -r "$prev"/. "$OUT/$name/student/"
 }
 # Opt-in (CURRICULUM_RUNS=1), as it ran once each; none is shipped: the student's lifts shape and spatial above
-# chance; the teacher's lifts shape only after the mixed stages (README). The teacher's pairs stage ran as two runs (700 steps, then 500 more after
-# its test accuracy still showed relations at chance); the recipe keeps it as it ran.
+# chance; the teacher's lifts shape only after the mixed stages (README). The teacher's pairs stage ran as two runs
+# (700 steps, then 500 more after its test accuracy still showed relations at chance); the recipe keeps it as it ran.
 roles=(student teacher student-early)
 if [ "${CURRICULUM_RUNS:-0}" = 1 ]; then
   curriculum student-curriculum "$OUT/student/student" "1 solo-large 800 1e-3 $CURRICULUM" \

@@ -175,8 +175,8 @@ def test_pretrain_grid_items_end_with_a_caption_that_the_pixels_confirm():
 
 def test_curriculum_splits_are_answerable_and_leave_the_suite_unchanged(tmp_path):
     """n_curriculum=N adds four warm-up splits (one large object, one small object, two objects in a line, the same
-    with a distractor); every
-    answer of every turn follows from the pixels; the other splits stay byte-identical; N=0 writes none of them."""
+    with a distractor); every answer of every turn follows from the pixels; the other splits stay byte-identical;
+    N=0 writes none of them."""
     plain = _hashes(shapes.synth(tmp_path / "a", **SMALL))
     staged = _hashes(shapes.synth(tmp_path / "b", **SMALL, n_curriculum=24))
     assert {k: v for k, v in staged.items() if k in plain and k != "info.json"} == \
@@ -204,7 +204,8 @@ def test_curriculum_splits_are_answerable_and_leave_the_suite_unchanged(tmp_path
         area[split] = np.median(sizes)
     assert area["solo-large"] > 3 * area["solo-small"]
     for split in ("pairs", "triples"):
-        answers = Counter(r["conversations"][1]["value"] for r in json.loads((tmp_path / "b" / f"{split}.json").read_text()))
+        records = json.loads((tmp_path / "b" / f"{split}.json").read_text())
+        answers = Counter(r["conversations"][1]["value"] for r in records)
         assert answers == {r: 6 for r in shapes.RELATIONS}                  # dealt from a deck
     assert sorted(json.loads((tmp_path / "b" / "info.json").read_text())["totals"]) == sorted(
         shapes.SPLITS + shapes.CURRICULUM_SPLITS)

@@ -203,16 +203,16 @@ def _grid_boxes(rng: np.random.Generator, cells: list[int], g: int, size: int) -
     return boxes
 
 
+def _random_object(rng, colours=COLOUR_NAMES, shapes=SHAPES, avoid=()) -> tuple[str, str]:
+    """A random (colour, shape), drawn again while it is one of `avoid`."""
+    while (obj := (_pick(rng, colours), _pick(rng, shapes))) in avoid:
+        pass
+    return obj
+
+
 def _distractors(rng, difficulty, colours=COLOUR_NAMES, shapes=SHAPES, avoid=()) -> list[tuple[str, str]]:
     lo, hi = _DISTRACTORS[difficulty] if difficulty else (0, 1)
-    out = []
-    for _ in range(int(rng.integers(lo, hi + 1))):
-        while True:
-            obj = (_pick(rng, colours), _pick(rng, shapes))
-            if obj not in avoid:
-                break
-        out.append(obj)
-    return out
+    return [_random_object(rng, colours, shapes, avoid) for _ in range(int(rng.integers(lo, hi + 1)))]
 
 
 def _grid_scene(rng, category: str, key, answer: str, difficulty: int):
@@ -235,11 +235,8 @@ def _grid_scene(rng, category: str, key, answer: str, difficulty: int):
         objects = [(any_colour(), key[0]) for _ in range(n1)] + [(any_colour(), key[1]) for _ in range(n2)]
         objects += _distractors(rng, difficulty, shapes=[s for s in SHAPES if s not in key])
     else:
-        a = (any_colour(), _pick(rng, SHAPES))
-        while True:
-            b = (any_colour(), _pick(rng, SHAPES))
-            if b != a:
-                break
+        a = _random_object(rng)
+        b = _random_object(rng, avoid=(a,))
         key = (a, b)
         objects = [a, b] + _distractors(rng, difficulty, avoid=(a, b))
     return objects, key
@@ -500,13 +497,10 @@ def generate_curriculum_split(split: str, n: int, seed: int, image_size: int):
             if split in ("pairs", "triples"):
                 relation = relations.draw()
                 a = objects.draw()
-                while (b := (_pick(rng, COLOUR_NAMES), _pick(rng, SHAPES))) == a:
-                    pass
+                b = _random_object(rng, avoid=(a,))
                 scene_objects = [a, b]
                 if split == "triples":      # one distractor, never a copy of a named object
-                    while (d := (_pick(rng, COLOUR_NAMES), _pick(rng, SHAPES))) in (a, b):
-                        pass
-                    scene_objects.append(d)
+                    scene_objects.append(_random_object(rng, avoid=(a, b)))
                 cells = _spatial_cells(rng, relation, g, len(scene_objects))
             else:
                 scene_objects = [objects.draw()]
