@@ -1,7 +1,7 @@
 """Train the tiny Qwen2-VL teacher on one GPU: one or more recipes side by side, sized to a wall-clock budget.
 
     python scripts/pretrain_gpu.py --out pretrain-gpu --budget 330            # one CUDA GPU, ~6 minutes
-    python scripts/pretrain_gpu.py --out /tmp/p --budget 60 --device cpu --quick   # a dry run of the plumbing
+    python scripts/pretrain_gpu.py --out /tmp/p --budget 120 --device cpu --quick  # a dry run of the plumbing
     python scripts/pretrain_gpu.py --out more --model RUN/student --split solo-small+pairs+triples+train+pretrain \
         --data builtin:shapes:n_pretrain=6000,captions=1,n_curriculum=3000 --recipe mixed=32,5e-4,100,4
 
@@ -128,22 +128,25 @@ def main() -> None:
         open_dataset(data, split=part)
     print(f"[{time.time() - start:5.0f}s] data ready; probing {len(names)} recipes", flush=True)
 
-    probes = launch_all({n: train_cmd(args.model, recipes[n], out / "probe" / n, PROBE_STEPS, data, split) for n in names},
-                        out / "logs" / "probe", env)
+    probe_steps, min_steps = (10, 5) if args.quick else (PROBE_STEPS, 50)   # quick: seconds-long runs on a CPU
+    probes = launch_all({n: train_cmd(args.model, recipes[n], out / "probe" / n, probe_steps, data, split)
+                         for n in names}, out / "logs" / "probe", env)
     codes = wait_all(probes, start + args.budget)
     sec = {n: seconds_per_step(out / "probe" / n) for n in names if codes[n] == 0}
     probe_wall = time.time() - start
-    print(f"[{probe_wall:5.0f}s] probe: " + ", ".join(f"{n} {s * 1000:.0f} ms/step" for n, s in sec.items()), flush=True)
+    print(f"[{probe_wall:5.0f}s] probe: " + ", ".join(f"{n} {s * 1000:.0f} ms/step" for n, s in sec.items()),
+          flush=True)
     shutil.rmtree(out / "probe", ignore_errors=True)
     if not sec:
         raise SystemExit("every probe failed; see " + str(out / "logs" / "probe"))
 
     startup = 20.0  # import, model build and data load of one run, measured loosely
     left = start + args.budget - time.time() - startup
-    steps = {n: max(50, int(0.9 * left / s)) for n, s in sec.items()}
+    steps = {n: max(min_steps, int(0.9 * left / s)) for n, s in sec.items()}
     print(f"[{time.time() - start:5.0f}s] training: " + ", ".join(f"{n} {k} steps" for n, k in steps.items()),
           flush=True)
-    runs = launch_all({n: train_cmd(args.model, recipes[n], out / n, k, data, split) for n, k in steps.items()}, out / "logs", env)
+    runs = launch_all({n: train_cmd(args.model, recipes[n], out / n, k, data, split) for n, k in steps.items()},
+                      out / "logs", env)
     codes = wait_all(runs, start + args.budget + 60)
     print(f"[{time.time() - start:5.0f}s] trained: {codes}", flush=True)
 

@@ -70,7 +70,10 @@ if [ "${CURRICULUM_RUNS:-0}" = 1 ]; then
   SPLITS="solo-small+pairs+train+pretrain"
   curriculum teacher-mixed "$OUT/teacher-curriculum/3-pairs/student" "1 $SPLITS 500 5e-4 $MIXED 1" \
     "2 $SPLITS 500 5e-4 $MIXED 2" "3 $SPLITS 500 5e-4 $MIXED 3"
-  roles+=(student-curriculum teacher-curriculum teacher-mixed)
+  # Then one stage on the relation splits and test-like items, without solo-small and the captions (README,
+  # "Stages on triples, pairs and train": run H, the best on the val split).
+  curriculum teacher-triples "$OUT/teacher-mixed/student" "1 triples+pairs+train 500 5e-4 $MIXED 4"
+  roles+=(student-curriculum teacher-curriculum teacher-mixed teacher-triples)
 fi
 for role in "${roles[@]}"; do
   "$BIN/vlsi-edge" eval --model "$OUT/$role/student" --data "$DATA" --split test --name "tiny-$role" \
