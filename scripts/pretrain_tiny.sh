@@ -42,14 +42,14 @@ train_run 2 "$OUT/student-early" --model builtin:tiny-qwen2vl-student --data "$D
 # train` run that starts from the last stage's student/ with a fresh warm-up and cosine schedule (teacher: ~1 s/step
 # on two threads for the warm-up stages, ~2 s/step for the mix).
 CURRICULUM="builtin:shapes:n_pretrain=0,n_train=0,n_val=0,n_test=0,n_curriculum=6000"
-curriculum() {  # NAME START "K SPLIT STEPS LR DATA [SEED]" ...
-  local name=$1 prev=$2 stage k split steps lr data seed run
+curriculum() {  # NAME START "K SPLIT STEPS LR DATA [SEED [IMAGE_SIZE]]" ...
+  local name=$1 prev=$2 stage k split steps lr data seed size run
   shift 2
   for stage in "$@"; do
-    read -r k split steps lr data seed <<< "$stage"
+    read -r k split steps lr data seed size <<< "$stage"
     run="$OUT/$name/$k-$split"
     train_run 2 "$run" --model "$prev" --data "$data" --split "$split" --steps "$steps" --lr "$lr" \
-      --seed "${seed:-0}" --set optim.warmup_steps=50
+      --seed "${seed:-0}" ${size:+--image-size "$size"} --set optim.warmup_steps=50
     prev="$run/student"
   done
   mkdir -p "$OUT/$name/student" && cp -r "$prev"/. "$OUT/$name/student/"

@@ -304,3 +304,29 @@ def test_resume_of_a_run_killed_before_its_config_starts_it(tmp_path, torch_thre
     assert _distill(run, "--resume", steps="verbalize=1,interact=1,sft=1") == 0
     assert (run / "student" / "model.safetensors").is_file()
     assert _distill(tmp_path / "absent", "--resume", steps="verbalize=1,interact=1,sft=1") == 0
+
+
+def test_train_at_another_image_size_then_distill_from_it(tmp_path, capsys, torch_threads):
+    """`train --image-size`: a Qwen2-VL teacher continued at 168 px (36 image tokens) keeps that size, and distilling
+    from it into the 112-px student (16) aligns by response order."""
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--model", QT, "--data", DATA, "--out", str(teacher), "--steps", "1", "--batch-size", "2",
+                 "--image-size", "168"]) == 0
+    from vlsi_edge.models import load_model
+
+    m = load_model(str(teacher / "student"))
+    assert m.image_size == 168 and m.image_token_count() == 36
+    run = tmp_path / "run"
+    assert _distill(run, teacher=str(teacher / "student"), steps="verbalize=1,interact=2,sft=1") == 0
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").open() if '"interact"' in line]
+    assert recs and all(r["tokens"] > 0 for r in recs)
+    assert load_model(str(run / "student")).image_size == 112
+
+
+@pytest.mark.parametrize("model, size, needle", [(QS, "100", "multiple of 28"),
+                                                 ("builtin:tiny-llava_onevision-student", "224", "fixed input size")])
+def test_bad_image_size_is_refused(model, size, needle, tmp_path, capsys):
+    out = tmp_path / "r"
+    rc = main(["train", "--model", model, "--data", DATA, "--out", str(out), "--steps", "1", "--image-size", size])
+    _one_line(capsys, rc, needle)
+    assert not out.exists()

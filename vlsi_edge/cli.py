@@ -219,7 +219,8 @@ def _parse_steps(steps: str | None) -> dict | None:
 def train(model: str, data: str, out: str, steps: int | None = None, config: str | None = None,
           split: str | None = None, batch_size: int | None = None, lr: float | None = None, seed: int | None = None,
           lora: bool | None = None, image_root: str | None = None, skip_bad_samples: bool | None = None,
-          resume: bool = False, overwrite: bool = False, set_: list[str] | None = None) -> int:
+          image_size: int | None = None, resume: bool = False, overwrite: bool = False,
+          set_: list[str] | None = None) -> int:
     """Plain supervised fine-tuning (the same loop as `distill --method sft`); writes OUT/student/.
 
     Args:
@@ -235,6 +236,8 @@ def train(model: str, data: str, out: str, steps: int | None = None, config: str
         lora: train LoRA adapters instead of all weights
         image_root: folder image paths are relative to
         skip_bad_samples: drop bad samples (reported) instead of stopping
+        image_size: train at this square image size, a multiple of 28 (Qwen2-VL and Qwen2.5-VL; default the
+            model's own); the saved model keeps it
         resume: continue the run in OUT from its last checkpoint
         overwrite: replace an existing OUT
         set_: extra config overrides, key=value (e.g. train.grad_accum=4)
@@ -244,7 +247,7 @@ def train(model: str, data: str, out: str, steps: int | None = None, config: str
 
     flags = {"method": "sft", "student": model, "teacher": None, "data": data, "split": split,
              "train.batch_size": batch_size, "optim.lr": lr, "train.seed": seed, "lora.enabled": lora,
-             "image_root": image_root, "skip_bad_samples": skip_bad_samples}
+             "image_root": image_root, "skip_bad_samples": skip_bad_samples, "student_image_size": image_size}
     if steps is not None:
         flags["steps"] = {"sft": steps}
     cfg = _distill_config(config, flags, set_ or [])

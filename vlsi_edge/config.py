@@ -108,6 +108,7 @@ class DistillConfig:
     image_root: str | None = None
     skip_bad_samples: bool = False
     teacher_verbalizers: str | None = None
+    student_image_size: int | None = None  # train the student at this square size (Qwen-VL families)
     student_target_layers: list[int] | None = None
     teacher_target_layers: list[int] | None = None
     steps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_STEPS))  # optimizer steps per stage
@@ -173,6 +174,8 @@ class DistillConfig:
         if self.cache.dir and self.method == "kd" and self.kd.temperature != 1.0:
             p.append(f"kd.temperature = {self.kd.temperature} cannot use a teacher cache built at temperature 1 "
                      "(drop --cache-teacher or use kd.temperature: 1.0)")
+        if self.student_image_size is not None and self.student_image_size <= 0:
+            p.append(f"student_image_size = {self.student_image_size}: expected > 0")
         for name in ("student_target_layers", "teacher_target_layers"):
             layers = getattr(self, name)
             if layers is not None and (not layers or sorted(set(layers)) != list(layers) or min(layers) < 1):

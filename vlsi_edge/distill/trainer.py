@@ -221,6 +221,8 @@ class Trainer:
             raise UserError(f"dataset {cfg.data} (split {cfg.split}) is empty", "point --data at a split with samples")
         on_cuda = self.device.type == "cuda"
         student = load_model(cfg.student, dtype="float32", device=str(self.device))
+        if cfg.student_image_size and cfg.student_image_size != student.image_size:
+            student.set_image_size(cfg.student_image_size)
         teacher = None
         needs_teacher = cfg.method == "kd" or (cfg.method == "vlsi" and cfg.teacher and (
             "interact" in cfg.stages or ("verbalize" in cfg.stages and not cfg.teacher_verbalizers)))

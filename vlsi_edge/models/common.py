@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlsi_edge.errors import UserError
+
 _NOISY = ("torchao", "Failed to load", "is an Enum subclass", "_C_mxfp8", "_C_cutlass")
 
 
@@ -169,6 +171,27 @@ def square_image(image, size: int):
     if image.size == (size, size):
         return image
     return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
+def fixed_pixels(image_size: int) -> dict:
+    """Qwen-VL image processor kwargs that resize every image to exactly one `image_size` square grid."""
+    pixels = image_size * image_size
+    return {"min_pixels": pixels, "max_pixels": pixels, "size": {"shortest_edge": pixels, "longest_edge": pixels}}
+
+
+def resize_qwen_images(processor, image_size: int) -> None:
+    """Make a Qwen2-VL / Qwen2.5-VL processor emit the grid of one `image_size` square (any multiple of patch ×
+    merge = 28 px): their vision towers have no fixed position table, so a checkpoint can be trained and run at
+    another resolution than it was made at (`vlsi-edge train --image-size`)."""
+    from transformers.image_utils import SizeDict
+
+    ip = processor.image_processor
+    step = ip.patch_size * ip.merge_size
+    if image_size < step or image_size % step:
+        raise UserError(f"image size {image_size}: expected a positive multiple of {step} px (patch {ip.patch_size} "
+                        f"x merge {ip.merge_size})", f"try --image-size {max(step, round(image_size / step) * step)}")
+    pixels = image_size * image_size
+    ip.size = SizeDict(shortest_edge=pixels, longest_edge=pixels)
 
 
 def count_image_tokens(processor, image_size: int, image_token_id: int) -> int:

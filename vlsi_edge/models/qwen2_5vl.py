@@ -27,6 +27,7 @@ class Qwen2_5VLAdapter:
     model_types = ("qwen2_5_vl",)
     DEFAULT_IMAGE_SIZE = 448  # real checkpoints: a fixed grid for export; override with config.vlsi_edge.image_size
     LANGUAGE_MODEL = "language_model"  # the attribute of the base model that owns the decoder layers
+    resize_images = staticmethod(common.resize_qwen_images)  # any 28-px grid: `train --image-size`
 
     @staticmethod
     def classes(model_type: str | None = None) -> tuple[type, type]:
@@ -63,9 +64,7 @@ class Qwen2_5VLAdapter:
         )
         config.vlsi_edge = {"preset": spec.name, "target_layers": list(spec.target_layers),
                             "image_size": spec.image_size}
-        pixels = spec.image_size * spec.image_size
-        image_processor = ImageProcessor(min_pixels=pixels, max_pixels=pixels, size={"shortest_edge": pixels,
-                                                                                      "longest_edge": pixels})
+        image_processor = ImageProcessor(**common.fixed_pixels(spec.image_size))
         processor = Processor(image_processor=image_processor, tokenizer=tokenizer,
                               chat_template=tokenizer.chat_template)
         with common.seeded(spec.seed):

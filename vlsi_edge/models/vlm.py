@@ -39,6 +39,18 @@ class VLM:
         self.model.to(dtype=common.resolve_dtype(dtype), device=device)
         return self
 
+    def set_image_size(self, image_size: int) -> None:
+        """Feed the model `image_size` square images from now on; saved with it (config and processor)."""
+        from vlsi_edge.errors import ModelError
+
+        resize = getattr(self.adapter, "resize_images", None)
+        if resize is None:
+            raise ModelError(f"{self.source}: a {self.family} vision tower has a fixed input size "
+                             f"({self.image_size} px); only Qwen2-VL and Qwen2.5-VL take another resolution",
+                             "drop --image-size")
+        resize(self.processor, image_size)
+        self.image_size = image_size
+
     def save_pretrained(self, path: str | Path) -> None:
         self.model.config.vlsi_edge = {**common.vlsi_meta(self.model.config),
                                        "target_layers": list(self.target_layers), "image_size": self.image_size}
