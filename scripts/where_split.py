@@ -1,0 +1,144 @@
+"""Experiment data (not a library split): the `where` stage and its held-out probe for the tiny Qwen2-VL teacher.
+
+    python scripts/where_split.py --data builtin:shapes:n_pretrain=6000,captions=1,n_curriculum=3000,n_val=1000 \
+        --out runs/data-where [--n 3000] [--n-probe 400]
+
+Writes a dataset folder `--out` that `vlsi-edge train --data` and `vlsi-edge eval --data` read: every split of
+`--data` (json copied, images hard-linked where the filesystem allows, else copied), plus
+
+- `where` (`--n` items): the test split's spatial scene (two named objects in one row or column of a 4x4 grid and
+  0-2 distractors, difficulty-1 clutter), asked the spatial relation and the row and column (1-4, counted from the
+  top left) of both named objects, five turns in random order but for the relation, which comes first in every
+  other item and third in the rest;
+- `probe` (`--n-probe` items, another seed, always 1-2 distractors): one question each, the row or the column of
+  the first named object; categories `row` and `column`, chance 0.25.
+
+Why: on the test split the teacher's spatial answers are not even on the right axis, so it does not find the two
+named objects among others. Asking where each named object is supervises that step directly (README, "The
+teacher at 224 px" and after). Deterministic for given arguments. Writes into a temporary folder beside `--out`
+and renames it at the end; refuses an existing `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from vlsi_edge.data import shapes as S
+from vlsi_edge.data.conversations import open_dataset
+from vlsi_edge.errors import DataError, UserError
+from vlsi_edge.fileio import publish_dir, staging_dir
+
+GRID, SIZE = 4, 112
+
+
+def scene(rng: np.random.Generator, seen: set, distractors: tuple[int, int]):
+    """(image, relation, [(colour, shape, row, col)] with the named pair first): a test-like spatial scene."""
+    while True:
+        img = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+        draw = ImageDraw.Draw(img)
+        S._clutter(draw, rng, 1, SIZE)
+        relation = S.RELATIONS[int(rng.integers(len(S.RELATIONS)))]
+        a = S._random_object(rng)
+        b = S._random_object(rng, avoid=(a,))
+        objects = [a, b] + [S._random_object(rng, avoid=(a, b)) for _ in range(int(rng.integers(*distractors)))]
+        cells = S._spatial_cells(rng, relation, GRID, len(objects))
+        for (colour, shape), (x, y, side) in zip(objects, S._grid_boxes(rng, cells, GRID, SIZE)):
+            S.draw_shape(draw, shape, x, y, side, S.COLOURS[colour])
+        if S._is_new(img, seen):
+            return img, relation, [(c, s, *divmod(cell, GRID)) for (c, s), cell in zip(objects, cells)]
+
+
+def where_question(axis: str, colour: str, shape: str) -> str:
+    return f"Which {axis} is the {colour} {shape} in? {S._SUFFIX['number']}"
+
+
+def where_items(n: int, seed: int = 12345):
+    """Yield (record, png) for the `where` split."""
+    rng, seen = np.random.default_rng(seed), set()
+    for i in range(n):
+        img, relation, objects = scene(rng, seen, (0, 3))
+        asks = []
+        for colour, shape, row, col in objects[:2]:
+            asks += [(where_question("row", colour, shape), str(row + 1)),
+                     (where_question("column", colour, shape), str(col + 1))]
+        asks = [asks[int(k)] for k in rng.permutation(len(asks))]
+        (c1, s1, _, _), (c2, s2, _, _) = objects[:2]
+        first = (S.question_text("spatial", ((c1, s1), (c2, s2))), relation)
+        turns = [first] + asks if i % 2 == 0 else asks[:2] + [first] + asks[2:]
+        yield S._item("where", i, img, "spatial", list(S.RELATIONS), 0, turns)
+
+
+def probe_items(n: int, seed: int = 999):
+    """Yield (record, png) for the `probe` split: the row or the column of the first named object."""
+    rng, seen = np.random.default_rng(seed), set()
+    for i in range(n):
+        img, _, objects = scene(rng, seen, (1, 3))
+        colour, shape, row, col = objects[0]
+        axis = ("row", "column")[i % 2]
+        answer = str((row, col)[i % 2] + 1)
+        yield S._item("probe", i, img, axis, ["1", "2", "3", "4"], 1, [(where_question(axis, colour, shape), answer)])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def build(data: str, out: Path, n: int, n_probe: int) -> Path:
+    source = open_dataset(data, split="test").image_root     # materialises a builtin spec in the cache
+    if out.exists():
+        raise DataError(f"output folder {out} already exists", "expected a new folder; choose another --out")
+    tmp = staging_dir(out)
+    try:
+        for p in sorted(Path(source).iterdir()):
+            if p.suffix == ".json" and p.stem != "info":
+                shutil.copy2(p, tmp / p.name)
+        for folder in sorted((Path(source) / "images").iterdir()):
+            (tmp / "images" / folder.name).mkdir(parents=True)
+            for f in folder.iterdir():
+                _link_or_copy(f, tmp / "images" / folder.name / f.name)
+        for split, items in (("where", where_items(n)), ("probe", probe_items(n_probe))):
+            (tmp / "images" / split).mkdir(parents=True)
+            lines = []
+            for record, png in items:
+                (tmp / record["image"]).write_bytes(png)
+                lines.append(json.dumps(record, sort_keys=True))
+            (tmp / f"{split}.json").write_text("[\n" + ",\n".join(lines) + "\n]\n")
+        publish_dir(tmp, out, overwrite=False,
+                    appeared_error=lambda: DataError(f"output folder {out} appeared while it was being written",
+                                                     "expected a new folder; choose another --out"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default="builtin:shapes:n_pretrain=6000,captions=1,n_curriculum=3000,n_val=1000")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--n-probe", type=int, default=400)
+    args = ap.parse_args(argv)
+    if args.n < 1 or args.n_probe < 1:
+        print("where_split: error: --n and --n-probe must be positive", file=sys.stderr)
+        return 2
+    try:
+        print(build(args.data, Path(args.out), args.n, args.n_probe))
+    except UserError as e:
+        print(f"where_split: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
