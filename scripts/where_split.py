@@ -15,7 +15,7 @@ Writes a dataset folder `--out` that `vlsi-edge train --data` and `vlsi-edge eva
 
 Why: on the test split the teacher's spatial answers are not even on the right axis, so it does not find the two
 named objects among others. Asking where each named object is supervises that step directly (README, "The
-teacher at 224 px" and after). Deterministic for given arguments. Writes into a temporary folder beside `--out`
+`where` stage"). Deterministic for given arguments. Writes into a temporary folder beside `--out`
 and renames it at the end; refuses an existing `--out`.
 """
 from __future__ import annotations

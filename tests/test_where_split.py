@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from vlsi_edge.data.conversations import open_dataset
@@ -51,7 +50,7 @@ def test_where_answers_match_relation_and_pixels(tmp_path):
 
 
 def qa_order(qa: dict, name: str) -> int:
-    """0 for the object named first in the relation question, 1 for the second."""
+    """Where `name` appears in the relation question: sorts the named pair into (first, second)."""
     question = next(q for q in qa if q.startswith("Where is"))
     return question.index(name)
 
