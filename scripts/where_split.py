@@ -1,7 +1,8 @@
-"""Experiment data (not a library split): the `where` stage and its held-out probe for the tiny Qwen2-VL teacher.
+"""Experiment data (not library splits) for the tiny Qwen2-VL teacher: the `where` stage, its held-out probe and the
+`tally` stage.
 
     python scripts/where_split.py --data builtin:shapes:n_pretrain=6000,captions=1,n_curriculum=3000,n_val=1000 \
-        --out runs/data-where [--n 3000] [--n-probe 400]
+        --out runs/data-where [--n 3000] [--n-probe 400] [--n-tally 0]
 
 Writes a dataset folder `--out` that `vlsi-edge train --data` and `vlsi-edge eval --data` read: every split of
 `--data` (json copied, images hard-linked where the filesystem allows, else copied), plus
@@ -11,12 +12,17 @@ Writes a dataset folder `--out` that `vlsi-edge train --data` and `vlsi-edge eva
   top left) of both named objects, five turns in random order but for the relation, which comes first in every
   other item and third in the rest;
 - `probe` (`--n-probe` items, another seed, always 1-2 distractors): one question each, the row or the column of
-  the first named object; categories `row` and `column`, chance 0.25.
+  the first named object; categories `row` and `column`, chance 0.25;
+- `tally` (`--n-tally` items, none by default): the test split's comparison scene (1-5 objects of each of two
+  shapes, counts at least two apart, one or two objects of the other shapes, colours at random), asked both
+  comparisons and both counts in random order, then the shape of up to two objects whose colour is unique.
 
 Why: on the test split the teacher's spatial answers are not even on the right axis, so it does not find the two
 named objects among others. Asking where each named object is supervises that step directly (README, "The
-`where` stage"). Deterministic for given arguments. Writes into a temporary folder beside `--out`
-and renames it at the end; refuses an existing `--out`.
+`where` stage"). The teacher's comparison answers sit at the answer prior and its test shape answers confuse
+squares with circles and triangles with crosses; `tally` asks for the counts a comparison rests on and for shapes in
+the same crowded scenes (README, "The `tally` stage"). Deterministic for given arguments. Writes into a temporary
+folder beside `--out` and renames it at the end; refuses an existing `--out`.
 """
 from __future__ import annotations
 
@@ -86,6 +92,40 @@ def probe_items(n: int, seed: int = 999):
         yield S._item("probe", i, img, axis, ["1", "2", "3", "4"], 1, [(where_question(axis, colour, shape), answer)])
 
 
+def tally_items(n: int, seed: int = 4242):
+    """Yield (record, png) for the `tally` split: the test split's comparison scene, asked both comparisons and both
+    counts (in random order), then the shape of up to two objects whose colour is unique in the scene."""
+    rng, seen = np.random.default_rng(seed), set()
+    gap = S._COMPARE_GAP[1]
+    pairs = [(a, b) for a in range(1, S._MAX_COMPARE + 1) for b in range(1, S._MAX_COMPARE + 1) if abs(a - b) >= gap]
+    for i in range(n):
+        while True:
+            first, second = (S.SHAPES[int(k)] for k in rng.choice(len(S.SHAPES), 2, replace=False))
+            n1, n2 = pairs[int(rng.integers(len(pairs)))]
+            others = [s for s in S.SHAPES if s not in (first, second)]
+            objects = [(S._pick(rng, S.COLOUR_NAMES), first) for _ in range(n1)]
+            objects += [(S._pick(rng, S.COLOUR_NAMES), second) for _ in range(n2)]
+            objects += [S._random_object(rng, shapes=others) for _ in range(int(rng.integers(1, 3)))]
+            cells = [int(c) for c in rng.choice(GRID * GRID, len(objects), replace=False)]
+            img = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+            draw = ImageDraw.Draw(img)
+            S._clutter(draw, rng, 1, SIZE)
+            for (colour, shape), (x, y, side) in zip(objects, S._grid_boxes(rng, cells, GRID, SIZE)):
+                S.draw_shape(draw, shape, x, y, side, S.COLOURS[colour])
+            if S._is_new(img, seen):
+                break
+        more = "yes" if n1 > n2 else "no"
+        asks = [(S.question_text("comparison", (first, second)), more),
+                (S.question_text("comparison", (second, first)), "no" if more == "yes" else "yes"),
+                (S.question_text("count", first), str(n1)), (S.question_text("count", second), str(n2))]
+        asks = [asks[int(k)] for k in rng.permutation(len(asks))]
+        colours = [c for c, _ in objects]
+        unique = [(c, s) for c, s in objects if colours.count(c) == 1]
+        asks += [(S.question_text("shape", unique[int(k)][0]), unique[int(k)][1])
+                 for k in rng.permutation(len(unique))[:2]]
+        yield S._item("tally", i, img, "comparison", list(S.YES_NO), 1, asks)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -93,7 +133,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def build(data: str, out: Path, n: int, n_probe: int) -> Path:
+def build(data: str, out: Path, n: int, n_probe: int, n_tally: int = 0) -> Path:
     source = open_dataset(data, split="test").image_root     # materialises a builtin spec in the cache
     if out.exists():
         raise DataError(f"output folder {out} already exists", "expected a new folder; choose another --out")
@@ -106,7 +146,10 @@ def build(data: str, out: Path, n: int, n_probe: int) -> Path:
             (tmp / "images" / folder.name).mkdir(parents=True)
             for f in folder.iterdir():
                 _link_or_copy(f, tmp / "images" / folder.name / f.name)
-        for split, items in (("where", where_items(n)), ("probe", probe_items(n_probe))):
+        splits = [("where", where_items(n)), ("probe", probe_items(n_probe))]
+        if n_tally:
+            splits.append(("tally", tally_items(n_tally)))
+        for split, items in splits:
             (tmp / "images" / split).mkdir(parents=True)
             lines = []
             for record, png in items:
@@ -128,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--n-probe", type=int, default=400)
+    ap.add_argument("--n-tally", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.n < 1 or args.n_probe < 1:
-        print("where_split: error: --n and --n-probe must be positive", file=sys.stderr)
+    if args.n < 1 or args.n_probe < 1 or args.n_tally < 0:
+        print("where_split: error: --n and --n-probe must be positive, --n-tally at least 0", file=sys.stderr)
         return 2
     try:
-        print(build(args.data, Path(args.out), args.n, args.n_probe))
+        print(build(args.data, Path(args.out), args.n, args.n_probe, args.n_tally))
     except UserError as e:
         print(f"where_split: error: {e}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_last_good_one(small_disk, capsys):
     assert (run / "student" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # trains and exports a student (about 30 s on 2 cores)
 def test_disk_full_during_an_export_leaves_nothing(tmp_path, capsys):
     """The tiny student's jetson bundle is ~4.6 MB; a 3 MB disk fills while its decoder weights are written."""
     mnt = tmp_path / "small"

@@ -2,8 +2,9 @@
 transformers `generate` tokens and per-step logits at fp32 through the ExecuTorch runtime and the shared generation
 loop; an 8da4w decoder passes its own gate; ExecuTorch's own C++ `MultimodalRunner`, given the image, the prompt and
 the bundle's tokenizer.json, produces the PyTorch student's greedy tokens; a bundle from another executorch version
-is refused. Default tier: LLaVA-OneVision. Matrix tier: every family through the runtime and the MultimodalRunner
-(Qwen2-VL / Qwen2.5-VL exercise the 3-D position columns, Gemma3 the bidirectional image attention)."""
+is refused. Default tier: LLaVA-OneVision (its 8da4w gate in the slow tier). Matrix tier: every family through the
+runtime and the MultimodalRunner (Qwen2-VL / Qwen2.5-VL exercise the 3-D position columns, Gemma3 the bidirectional
+image attention)."""
 from __future__ import annotations
 
 import itertools
@@ -198,6 +199,7 @@ def test_fp32_bundle_matches_transformers_generate(made):
     assert again.shape == (7, manifest["model"]["vocab_size"])
 
 
+@pytest.mark.slow  # about 110 s on 2 cores (the 8da4w export); the demo covers phone-8da4w too
 def test_8da4w_decoder_passes_its_gate(made, tmp_path):
     student, _ = made("llava_onevision")
     out = tmp_path / "8da4w"

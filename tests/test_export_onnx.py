@@ -314,6 +314,7 @@ def test_backend_must_fit_the_bundle_and_be_installed(fp32_bundle):
     assert "ERR backend ort needs onnxruntime" in proc.stdout and "vlsi-edge[onnx]" in proc.stdout, proc.stderr
 
 
+@pytest.mark.slow  # a second full export (about 30 s on 2 cores)
 def test_image_size_is_fixed_at_export(student, tmp_path, capsys):
     """Qwen2-VL exports at another multiple of 28 (more image tokens, 3-D positions from the new grid) and still
     passes the gate; a size that does not fit the patching is refused before anything is written."""

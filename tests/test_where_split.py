@@ -1,5 +1,5 @@
-"""scripts/where_split.py: the experiment's `where` and `probe` splits are consistent with their scenes and load as
-a dataset folder."""
+"""scripts/where_split.py: the experiment's `where`, `probe` and `tally` splits are consistent with their scenes and
+load as a dataset folder."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from vlsi_edge.data.conversations import open_dataset
-from vlsi_edge.data.shapes import COLOURS
+from vlsi_edge.data.shapes import COLOURS, PLURALS
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("where_split", ROOT / "scripts" / "where_split.py")
@@ -60,3 +60,50 @@ def test_where_split_refuses_existing_out(tmp_path, capsys):
     assert where_split.main(["--data", DATA, "--out", str(tmp_path / "d"), "--n", "2", "--n-probe", "2"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert not list(tmp_path.glob(".d.tmp-*"))
+
+
+def _objects_in_pixels(image: Image.Image) -> list[tuple[str, str]]:
+    """(colour, shape) of every object in a 4x4-grid scene, read from the pixels of each cell: the fill ratio of the
+    object's bounding box tells squares (1.0) and circles (~0.8) from triangles and crosses (~0.5), and a triangle's
+    bottom row is filled from end to end where a cross's is one arm wide."""
+    px = np.asarray(image.convert("RGB"))
+    found = []
+    for colour, rgb in COLOURS.items():
+        mask = (px == np.array(rgb)).all(-1)
+        for r in range(4):
+            for c in range(4):
+                cell = mask[r * 28:(r + 1) * 28, c * 28:(c + 1) * 28]
+                if not cell.any():
+                    continue
+                ys, xs = np.nonzero(cell)
+                box = cell[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+                fill = box.mean()
+                shape = ("square" if fill > 0.95 else "circle" if fill > 0.7
+                         else "triangle" if box[-1].all() else "cross")
+                found.append((colour, shape))
+    return found
+
+
+def test_tally_answers_match_pixels(tmp_path):
+    out = where_split.build(DATA, tmp_path / "d", n=2, n_probe=2, n_tally=40)
+    records = json.loads((out / "tally.json").read_text())
+    assert len(records) == 40
+    plural_to_shape = {v: k for k, v in PLURALS.items()}
+    for rec in records:
+        objects = _objects_in_pixels(Image.open(out / rec["image"]))
+        counts = {s: sum(1 for _, o in objects if o == s) for s in PLURALS}
+        turns = rec["conversations"]
+        qa = [(turns[k]["value"].removeprefix("<image>\n"), turns[k + 1]["value"]) for k in range(0, len(turns), 2)]
+        kinds = [q.split()[0] for q, _ in qa]
+        assert kinds[:4].count("Are") == 2 and kinds[:4].count("How") == 2, rec["id"]
+        for q, a in qa:
+            words = q.rstrip("?").split("?")[0].split()
+            if q.startswith("How many"):
+                assert int(a) == counts[plural_to_shape[words[2]]], (rec["id"], q, a, objects)
+            elif q.startswith("Are there more"):
+                n1, n2 = counts[plural_to_shape[words[3]]], counts[plural_to_shape[words[5]]]
+                assert abs(n1 - n2) >= 2 and a == ("yes" if n1 > n2 else "no"), (rec["id"], q, a, objects)
+            else:
+                colour = words[4]
+                assert [s for c, s in objects if c == colour] == [a], (rec["id"], q, a, objects)
+    assert len(open_dataset(str(out), split="tally+train")) == 40 + 8
