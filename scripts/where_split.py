@@ -44,19 +44,30 @@ from vlsi_edge.fileio import publish_dir, staging_dir
 GRID, SIZE = 4, 112
 
 
+def _canvas(rng: np.random.Generator):
+    """A white SIZE x SIZE image with the test split's (difficulty-1) clutter, and its drawing context."""
+    img = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    S._clutter(draw, rng, 1, SIZE)
+    return img, draw
+
+
+def _place(draw: ImageDraw.ImageDraw, rng: np.random.Generator, objects, cells) -> None:
+    """Draw each (colour, shape) in its cell of the GRID x GRID grid, sized and placed as the test split does."""
+    for (colour, shape), (x, y, side) in zip(objects, S._grid_boxes(rng, cells, GRID, SIZE)):
+        S.draw_shape(draw, shape, x, y, side, S.COLOURS[colour])
+
+
 def scene(rng: np.random.Generator, seen: set, distractors: tuple[int, int]):
     """(image, relation, [(colour, shape, row, col)] with the named pair first): a test-like spatial scene."""
     while True:
-        img = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
-        draw = ImageDraw.Draw(img)
-        S._clutter(draw, rng, 1, SIZE)
+        img, draw = _canvas(rng)
         relation = S.RELATIONS[int(rng.integers(len(S.RELATIONS)))]
         a = S._random_object(rng)
         b = S._random_object(rng, avoid=(a,))
         objects = [a, b] + [S._random_object(rng, avoid=(a, b)) for _ in range(int(rng.integers(*distractors)))]
         cells = S._spatial_cells(rng, relation, GRID, len(objects))
-        for (colour, shape), (x, y, side) in zip(objects, S._grid_boxes(rng, cells, GRID, SIZE)):
-            S.draw_shape(draw, shape, x, y, side, S.COLOURS[colour])
+        _place(draw, rng, objects, cells)
         if S._is_new(img, seen):
             return img, relation, [(c, s, *divmod(cell, GRID)) for (c, s), cell in zip(objects, cells)]
 
@@ -107,11 +118,8 @@ def tally_items(n: int, seed: int = 4242):
             objects += [(S._pick(rng, S.COLOUR_NAMES), second) for _ in range(n2)]
             objects += [S._random_object(rng, shapes=others) for _ in range(int(rng.integers(1, 3)))]
             cells = [int(c) for c in rng.choice(GRID * GRID, len(objects), replace=False)]
-            img = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
-            draw = ImageDraw.Draw(img)
-            S._clutter(draw, rng, 1, SIZE)
-            for (colour, shape), (x, y, side) in zip(objects, S._grid_boxes(rng, cells, GRID, SIZE)):
-                S.draw_shape(draw, shape, x, y, side, S.COLOURS[colour])
+            img, draw = _canvas(rng)
+            _place(draw, rng, objects, cells)
             if S._is_new(img, seen):
                 break
         more = "yes" if n1 > n2 else "no"

@@ -97,7 +97,7 @@ def test_tally_answers_match_pixels(tmp_path):
         kinds = [q.split()[0] for q, _ in qa]
         assert kinds[:4].count("Are") == 2 and kinds[:4].count("How") == 2, rec["id"]
         for q, a in qa:
-            words = q.rstrip("?").split("?")[0].split()
+            words = q.split("?")[0].split()
             if q.startswith("How many"):
                 assert int(a) == counts[plural_to_shape[words[2]]], (rec["id"], q, a, objects)
             elif q.startswith("Are there more"):
