@@ -1,8 +1,8 @@
-"""Experiment data (not library splits) for the tiny Qwen2-VL teacher: the `where` stage, its held-out probe and the
-`tally` stage.
+"""Experiment data (not library splits) for the tiny Qwen2-VL teacher: the `where` stage, its held-out probe, the
+`tally` stage and the `lookup` stage.
 
     python scripts/where_split.py --data builtin:shapes:n_pretrain=6000,captions=1,n_curriculum=3000,n_val=1000 \
-        --out runs/data-where [--n 3000] [--n-probe 400] [--n-tally 0]
+        --out runs/data-where [--n 3000] [--n-probe 400] [--n-tally 0] [--n-lookup 0]
 
 Writes a dataset folder `--out` that `vlsi-edge train --data` and `vlsi-edge eval --data` read: every split of
 `--data` (json copied, images hard-linked where the filesystem allows, else copied), plus
@@ -15,7 +15,9 @@ Writes a dataset folder `--out` that `vlsi-edge train --data` and `vlsi-edge eva
   the first named object; categories `row` and `column`, chance 0.25;
 - `tally` (`--n-tally` items, none by default): the test split's comparison scene (1-5 objects of each of two
   shapes, counts at least two apart, one or two objects of the other shapes, colours at random), asked both
-  comparisons and both counts in random order, then the shape of up to two objects whose colour is unique.
+  comparisons and both counts in random order, then the shape of up to two objects whose colour is unique;
+- `lookup` (`--n-lookup` items, none by default): 2-5 objects in distinct colours on the test split's grid, asked the
+  shape of every object by its colour and the colour of every object whose shape is unique, in random order.
 
 Why: on the test split the teacher's spatial answers are not even on the right axis, so it does not find the two
 named objects among others. Asking where each named object is supervises that step directly (README, "The
@@ -134,6 +136,27 @@ def tally_items(n: int, seed: int = 4242):
         yield S._item("tally", i, img, "comparison", list(S.YES_NO), 1, asks)
 
 
+def lookup_items(n: int, seed: int = 777):
+    """Yield (record, png) for the `lookup` split: a test-like scene of 2-5 objects in distinct colours, asked the
+    shape of every object by its colour, then the colour of every object whose shape is unique, in random order."""
+    rng, seen = np.random.default_rng(seed), set()
+    for i in range(n):
+        while True:
+            k = int(rng.integers(2, 6))
+            colours = [S.COLOUR_NAMES[int(c)] for c in rng.choice(len(S.COLOUR_NAMES), k, replace=False)]
+            objects = [(c, S._pick(rng, S.SHAPES)) for c in colours]
+            cells = [int(c) for c in rng.choice(GRID * GRID, k, replace=False)]
+            img, draw = _canvas(rng)
+            _place(draw, rng, objects, cells)
+            if S._is_new(img, seen):
+                break
+        shapes = [s for _, s in objects]
+        asks = [(S.question_text("shape", c), s) for c, s in objects]
+        asks += [(S.question_text("colour", s), c) for c, s in objects if shapes.count(s) == 1]
+        asks = [asks[int(j)] for j in rng.permutation(len(asks))]
+        yield S._item("lookup", i, img, "shape", list(S.SHAPES), 1, asks)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -141,7 +164,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def build(data: str, out: Path, n: int, n_probe: int, n_tally: int = 0) -> Path:
+def build(data: str, out: Path, n: int, n_probe: int, n_tally: int = 0, n_lookup: int = 0) -> Path:
     source = open_dataset(data, split="test").image_root     # materialises a builtin spec in the cache
     if out.exists():
         raise DataError(f"output folder {out} already exists", "expected a new folder; choose another --out")
@@ -157,6 +180,8 @@ def build(data: str, out: Path, n: int, n_probe: int, n_tally: int = 0) -> Path:
         splits = [("where", where_items(n)), ("probe", probe_items(n_probe))]
         if n_tally:
             splits.append(("tally", tally_items(n_tally)))
+        if n_lookup:
+            splits.append(("lookup", lookup_items(n_lookup)))
         for split, items in splits:
             (tmp / "images" / split).mkdir(parents=True)
             lines = []
@@ -180,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--n-probe", type=int, default=400)
     ap.add_argument("--n-tally", type=int, default=0)
+    ap.add_argument("--n-lookup", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.n < 1 or args.n_probe < 1 or args.n_tally < 0:
-        print("where_split: error: --n and --n-probe must be positive, --n-tally at least 0", file=sys.stderr)
+    if args.n < 1 or args.n_probe < 1 or min(args.n_tally, args.n_lookup) < 0:
+        print("where_split: error: --n and --n-probe must be positive, --n-tally and --n-lookup at least 0",
+              file=sys.stderr)
         return 2
     try:
-        print(build(args.data, Path(args.out), args.n, args.n_probe, args.n_tally))
+        print(build(args.data, Path(args.out), args.n, args.n_probe, args.n_tally, args.n_lookup))
     except UserError as e:
         print(f"where_split: error: {e}", file=sys.stderr)
         return 2

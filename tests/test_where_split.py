@@ -1,5 +1,5 @@
-"""scripts/where_split.py: the experiment's `where`, `probe` and `tally` splits are consistent with their scenes and
-load as a dataset folder."""
+"""scripts/where_split.py: the experiment's `where`, `probe`, `tally` and `lookup` splits are consistent with their
+scenes and load as a dataset folder."""
 from __future__ import annotations
 
 import importlib.util
@@ -107,3 +107,20 @@ def test_tally_answers_match_pixels(tmp_path):
                 colour = words[4]
                 assert [s for c, s in objects if c == colour] == [a], (rec["id"], q, a, objects)
     assert len(open_dataset(str(out), split="tally+train")) == 40 + 8
+
+
+def test_lookup_answers_match_pixels(tmp_path):
+    out = where_split.build(DATA, tmp_path / "d", n=2, n_probe=2, n_lookup=40)
+    records = json.loads((out / "lookup.json").read_text())
+    assert len(records) == 40
+    for rec in records:
+        objects = _objects_in_pixels(Image.open(out / rec["image"]))
+        colours = [c for c, _ in objects]
+        assert 2 <= len(objects) <= 5 and len(set(colours)) == len(colours), (rec["id"], objects)
+        turns = rec["conversations"]
+        qa = [(turns[k]["value"].removeprefix("<image>\n"), turns[k + 1]["value"]) for k in range(0, len(turns), 2)]
+        asked_shapes = {q.split()[4]: a for q, a in qa if q.startswith("What shape")}
+        assert asked_shapes == dict(objects), (rec["id"], qa, objects)
+        unique = {s: c for c, s in objects if [o for _, o in objects].count(s) == 1}
+        assert {q.split()[4].rstrip("?"): a for q, a in qa if q.startswith("What colour")} == unique, rec["id"]
+    assert len(open_dataset(str(out), split="lookup+train")) == 40 + 8
