@@ -1,14 +1,17 @@
 """Experiment (not a library feature): teach a tiny Qwen2-VL checkpoint's vision tower to say what is in each cell.
 
     python scripts/vision_cells.py --model RUN/student --out RUN2 [--steps 1500] [--batch 32] [--lr 1e-3]
-                                   [--anchor 1.0] [--seed 0]
+                                   [--anchor 1.0] [--position] [--seed 0]
 
 On the test split's 112-px images the merger's 16 output tokens are the 16 cells of the 4x4 grid (patch 14, merge
 2: one token per 28-px cell, row-major). Two linear heads read every token's cell colour (6 + empty) and shape
 (4 + empty); the vision tower and the heads are trained on fresh test-like scenes (1-12 objects, random colours
 and shapes and cells, difficulty-1 clutter), with a mean-squared anchor to the tokens the unchanged tower gives,
 so the language model still understands them. The heads are dropped; `--out` is the whole checkpoint with the
-new vision tower, for `vlsi-edge train --model OUT/...` to realign the language model.
+new vision tower, for `vlsi-edge train --model OUT/...` to realign the language model. With `--position`, two more
+heads read every token's row and column (1-4): the tower has no absolute position embedding (2D RoPE only), and
+the language model's M-RoPE turns a row step into a rotation of at most 0.03 rad (README), so where a token is
+becomes part of what it says.
 
 Why: on a single small object on the test grid the teacher names the shape right 53% of the time (README, "The
 `lookup` stage"); shape is what the shape, spatial, count and comparison questions all rest on, and the gradient
@@ -65,14 +68,25 @@ def tokens(visual, pixels: dict) -> torch.Tensor:
     return getattr(out, "pooler_output", out)      # transformers 5: a model output whose pooler holds merged tokens
 
 
+def positions(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column (0-3) of every token of n images, in the merger's row-major cell order."""
+    cell = torch.arange(GRID * GRID).repeat(n)
+    return cell // GRID, cell % GRID
+
+
 def accuracy(visual, heads, held) -> dict:
     with torch.no_grad():
         pixels, colour, shape = held
         feats = tokens(visual, pixels)
         occupied = shape > 0
-        return {"shape": float((heads[1](feats).argmax(-1) == shape)[occupied].float().mean()),
-                "colour": float((heads[0](feats).argmax(-1) == colour)[occupied].float().mean()),
-                "empty": float((heads[1](feats).argmax(-1) == 0)[~occupied].float().mean())}
+        acc = {"shape": float((heads[1](feats).argmax(-1) == shape)[occupied].float().mean()),
+               "colour": float((heads[0](feats).argmax(-1) == colour)[occupied].float().mean()),
+               "empty": float((heads[1](feats).argmax(-1) == 0)[~occupied].float().mean())}
+        if len(heads) == 4:
+            row, col = positions(len(shape) // (GRID * GRID))
+            acc["row"] = float((heads[2](feats).argmax(-1) == row).float().mean())
+            acc["column"] = float((heads[3](feats).argmax(-1) == col).float().mean())
+        return acc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--anchor", type=float, default=1.0)
+    ap.add_argument("--position", action="store_true", help="also read each token's row and column")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
     args = ap.parse_args(argv)
@@ -104,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     visual = vlm.model.model.visual.train()
     frozen = copy.deepcopy(visual).eval().requires_grad_(False)
     dim = vlm.hidden_size
-    heads = torch.nn.ModuleList([torch.nn.Linear(dim, 1 + len(S.COLOUR_NAMES)), torch.nn.Linear(dim, 1 + len(S.SHAPES))])
+    heads = torch.nn.ModuleList([torch.nn.Linear(dim, 1 + len(S.COLOUR_NAMES)), torch.nn.Linear(dim, 1 + len(S.SHAPES))]
+                                + [torch.nn.Linear(dim, GRID) for _ in range(2 * args.position)])
     params = list(visual.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -120,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             ref = tokens(frozen, pixels)
         anchor = torch.nn.functional.mse_loss(feats, ref) / ref.pow(2).mean()
         loss = ce(heads[0](feats), colour) + ce(heads[1](feats), shape) + args.anchor * anchor
+        if args.position:
+            row, col = positions(args.batch)
+            loss = loss + ce(heads[2](feats), row) + ce(heads[3](feats), col)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

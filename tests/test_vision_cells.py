@@ -36,9 +36,10 @@ def test_scene_labels_match_pixels():
 def test_trains_the_vision_tower_only_and_saves(tmp_path):
     out = tmp_path / "v"
     assert vision_cells.main(["--model", MODEL, "--out", str(out), "--steps", "60", "--batch", "16",
-                              "--eval-every", "60", "--lr", "3e-3", "--anchor", "0"]) == 0
+                              "--eval-every", "60", "--lr", "3e-3", "--anchor", "0", "--position"]) == 0
     log = json.loads((out / "vision_cells.json").read_text())["log"]
     assert log[-1]["colour"] > 0.5, log       # 7 classes on occupied cells: colour is the first thing it learns
+    assert {"row", "column"} <= set(log[-1]), log
     before, after = load_model(MODEL).model.state_dict(), load_model(str(out)).model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".visual." in f".{k}" for k in changed), sorted(changed)[:5]
