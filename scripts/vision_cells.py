@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -156,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         (tmp / "vision_cells.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1) + "\n")
         publish_dir(tmp, out, overwrite=False, appeared_error=lambda: UserError(f"{out} appeared meanwhile"))
     except BaseException:
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     print(out)
