@@ -105,30 +105,42 @@ def probe_items(n: int, seed: int = 999):
         yield S._item("probe", i, img, axis, ["1", "2", "3", "4"], 1, [(where_question(axis, colour, shape), answer)])
 
 
-def tally_items(n: int, seed: int = 4242):
-    """Yield (record, png) for the `tally` split: the test split's comparison scene, asked both comparisons and both
-    counts (in random order), then the shape of up to two objects whose colour is unique in the scene."""
-    rng, seen = np.random.default_rng(seed), set()
+def tally_scene(rng: np.random.Generator):
+    """The test split's comparison scene: (image, [(colour, shape)], (first, n1), (second, n2)), where n1 and n2 are
+    1-5 objects of two shapes at least two apart and one or two objects of the other shapes follow."""
     gap = S._COMPARE_GAP[1]
     pairs = [(a, b) for a in range(1, S._MAX_COMPARE + 1) for b in range(1, S._MAX_COMPARE + 1) if abs(a - b) >= gap]
+    first, second = (S.SHAPES[int(k)] for k in rng.choice(len(S.SHAPES), 2, replace=False))
+    n1, n2 = pairs[int(rng.integers(len(pairs)))]
+    others = [s for s in S.SHAPES if s not in (first, second)]
+    objects = [(S._pick(rng, S.COLOUR_NAMES), first) for _ in range(n1)]
+    objects += [(S._pick(rng, S.COLOUR_NAMES), second) for _ in range(n2)]
+    objects += [S._random_object(rng, shapes=others) for _ in range(int(rng.integers(1, 3)))]
+    cells = [int(c) for c in rng.choice(GRID * GRID, len(objects), replace=False)]
+    img, draw = _canvas(rng)
+    _place(draw, rng, objects, cells)
+    return img, objects, (first, n1), (second, n2)
+
+
+def tally_asks(rng: np.random.Generator, first: str, n1: int, second: str, n2: int) -> list[tuple[str, str]]:
+    """Both comparisons and both counts of a tally scene, in random order."""
+    more = "yes" if n1 > n2 else "no"
+    asks = [(S.question_text("comparison", (first, second)), more),
+            (S.question_text("comparison", (second, first)), "no" if more == "yes" else "yes"),
+            (S.question_text("count", first), str(n1)), (S.question_text("count", second), str(n2))]
+    return [asks[int(k)] for k in rng.permutation(len(asks))]
+
+
+def tally_items(n: int, seed: int = 4242):
+    """Yield (record, png) for the `tally` split: a tally scene asked both comparisons and both counts (in random
+    order), then the shape of up to two objects whose colour is unique in the scene."""
+    rng, seen = np.random.default_rng(seed), set()
     for i in range(n):
         while True:
-            first, second = (S.SHAPES[int(k)] for k in rng.choice(len(S.SHAPES), 2, replace=False))
-            n1, n2 = pairs[int(rng.integers(len(pairs)))]
-            others = [s for s in S.SHAPES if s not in (first, second)]
-            objects = [(S._pick(rng, S.COLOUR_NAMES), first) for _ in range(n1)]
-            objects += [(S._pick(rng, S.COLOUR_NAMES), second) for _ in range(n2)]
-            objects += [S._random_object(rng, shapes=others) for _ in range(int(rng.integers(1, 3)))]
-            cells = [int(c) for c in rng.choice(GRID * GRID, len(objects), replace=False)]
-            img, draw = _canvas(rng)
-            _place(draw, rng, objects, cells)
+            img, objects, (first, n1), (second, n2) = tally_scene(rng)
             if S._is_new(img, seen):
                 break
-        more = "yes" if n1 > n2 else "no"
-        asks = [(S.question_text("comparison", (first, second)), more),
-                (S.question_text("comparison", (second, first)), "no" if more == "yes" else "yes"),
-                (S.question_text("count", first), str(n1)), (S.question_text("count", second), str(n2))]
-        asks = [asks[int(k)] for k in rng.permutation(len(asks))]
+        asks = tally_asks(rng, first, n1, second, n2)
         colours = [c for c, _ in objects]
         unique = [(c, s) for c, s in objects if colours.count(c) == 1]
         asks += [(S.question_text("shape", unique[int(k)][0]), unique[int(k)][1])
