@@ -16,9 +16,8 @@ Two readings, printed as a table and written to `--json`:
   and mean absolute error).
 
 Why: on comparison questions ("Are there more circles than squares?") the teacher sits at the answer prior even
-after 1,000 steps on comparisons alone (README, "Comparison: the counts are in the tokens, the language model does
-not gather them"). Both shapes are always present in those scenes, so a lookup of one object says nothing about
-the answer; only a count does.
+after 1,000 steps on comparisons alone (README, "Comparison: the counts are in the tokens"). Both shapes are always
+present in those scenes, so a lookup of one object says nothing about the answer; only a count does.
 """
 from __future__ import annotations
 
