@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -39,12 +38,17 @@ from vlsi_edge.data import shapes as S
 from vlsi_edge.data.collate import Collator
 from vlsi_edge.data.conversations import Sample, Turn
 from vlsi_edge.errors import UserError
-from vlsi_edge.fileio import publish_dir, staging_dir
 from vlsi_edge.models.registry import load_model
 
-_spec = importlib.util.spec_from_file_location("where_split", Path(__file__).with_name("where_split.py"))
-where_split = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(where_split)
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+where_split, vision_cells = _script("where_split"), _script("vision_cells")     # tally scenes; checkpoint writing
 
 
 def scenes(n: int, rng: np.random.Generator, folder: Path) -> list[tuple[Path, list[int], list[tuple[str, str]]]]:
@@ -163,14 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                             "sec": round(time.perf_counter() - start, 1)})
                 print(json.dumps(log[-1]), flush=True)
     model.eval()
-    staged = staging_dir(out)
-    try:
-        vlm.save_pretrained(staged)
-        (staged / "lm_counts.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1) + "\n")
-        publish_dir(staged, out, overwrite=False, appeared_error=lambda: UserError(f"{out} appeared meanwhile"))
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    vision_cells.save_checkpoint(vlm, out, "lm_counts.json", {"args": vars(args), "log": log})
     print(out)
     return 0
 

@@ -90,6 +90,19 @@ def accuracy(visual, heads, held) -> dict:
         return acc
 
 
+def save_checkpoint(vlm, out: Path, record: str, payload: dict) -> None:
+    """Write the whole checkpoint and `payload` as JSON file `record` to the new folder `out`, through a staging
+    folder renamed at the end (nothing is left behind on failure)."""
+    tmp = staging_dir(out)
+    try:
+        vlm.save_pretrained(tmp)
+        (tmp / record).write_text(json.dumps(payload, indent=1) + "\n")
+        publish_dir(tmp, out, overwrite=False, appeared_error=lambda: UserError(f"{out} appeared meanwhile"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -151,14 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         "sec": round(time.perf_counter() - start, 1)})
             print(json.dumps(log[-1]), flush=True)
     visual.eval()
-    tmp = staging_dir(out)
-    try:
-        vlm.save_pretrained(tmp)
-        (tmp / "vision_cells.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=1) + "\n")
-        publish_dir(tmp, out, overwrite=False, appeared_error=lambda: UserError(f"{out} appeared meanwhile"))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_checkpoint(vlm, out, "vision_cells.json", {"args": vars(args), "log": log})
     print(out)
     return 0
 
