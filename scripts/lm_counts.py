@@ -17,6 +17,10 @@ attention heads do, says nothing about the answer. A dense count target at every
 model to spread its attention over the objects and gather their count, which the one-word answers reward only
 once it is already done.
 
+The library now has the same kind of target inside `vlsi-edge train`: records' `aux` lists (with
+`builtin:shapes:scene_targets=1`, or the splits of `where_split.py`) and `--set train.aux_weight=W
+train.aux_layer=K` (README, "Scene targets"); this script stays as the record of the runs it made.
+
 Prints held-out comparison accuracy (the 'y' token against the 'n' token at the answer position, 256 scenes) and
 count accuracy (the head's rounded counts) every `--eval-every` steps. Writes `--out` through a temporary folder
 renamed at the end, and refuses an existing one.
@@ -59,7 +63,7 @@ def scenes(n: int, rng: np.random.Generator, folder: Path) -> list[tuple[Path, l
         img, objects, (first, n1), (second, n2) = where_split.tally_scene(rng)
         path = folder / f"{i:06d}.png"
         img.save(path, compress_level=1)
-        counts = [sum(s == shape for _, s in objects) for shape in S.SHAPES]
+        counts = [sum(s == shape for _, s, _, _ in objects) for shape in S.SHAPES]
         out.append((path, counts, where_split.tally_asks(rng, first, n1, second, n2)))
     return out
 

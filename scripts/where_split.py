@@ -19,6 +19,9 @@ Writes a dataset folder `--out` that `vlsi-edge train --data` and `vlsi-edge eva
 - `lookup` (`--n-lookup` items, none by default): 2-5 objects in distinct colours on the test split's grid, asked the
   shape of every object by its colour and the colour of every object whose shape is unique, in random order.
 
+Every item of these four splits carries its scene's `aux` target (`shapes.scene_target`), as the builtin splits do
+with `scene_targets=1` in `--data`.
+
 Why: on the test split the teacher's spatial answers are not even on the right axis, so it does not find the two
 named objects among others. Asking where each named object is supervises that step directly (README, "The
 `where` stage"). The teacher's comparison answers sit at the answer prior and its test shape answers confuse
@@ -54,6 +57,17 @@ def _canvas(rng: np.random.Generator):
     return img, draw
 
 
+def _scene(objects, cells) -> list[tuple[str, str, int, int]]:
+    return [(c, s, *divmod(cell, GRID)) for (c, s), cell in zip(objects, cells)]
+
+
+def _item(split: str, i: int, img, category: str, choices: list[str], difficulty: int, turns, scene):
+    """`shapes._item` plus the scene's `aux` target (`shapes.scene_target`), as `builtin:shapes:scene_targets=1`."""
+    record, png = S._item(split, i, img, category, choices, difficulty, turns)
+    record["aux"] = S.scene_target(scene, GRID)
+    return record, png
+
+
 def _place(draw: ImageDraw.ImageDraw, rng: np.random.Generator, objects, cells) -> None:
     """Draw each (colour, shape) in its cell of the GRID x GRID grid, sized and placed as the test split does."""
     for (colour, shape), (x, y, side) in zip(objects, S._grid_boxes(rng, cells, GRID, SIZE)):
@@ -71,7 +85,7 @@ def scene(rng: np.random.Generator, seen: set, distractors: tuple[int, int]):
         cells = S._spatial_cells(rng, relation, GRID, len(objects))
         _place(draw, rng, objects, cells)
         if S._is_new(img, seen):
-            return img, relation, [(c, s, *divmod(cell, GRID)) for (c, s), cell in zip(objects, cells)]
+            return img, relation, _scene(objects, cells)
 
 
 def where_question(axis: str, colour: str, shape: str) -> str:
@@ -91,7 +105,7 @@ def where_items(n: int, seed: int = 12345):
         (c1, s1, _, _), (c2, s2, _, _) = objects[:2]
         first = (S.question_text("spatial", ((c1, s1), (c2, s2))), relation)
         turns = [first] + asks if i % 2 == 0 else asks[:2] + [first] + asks[2:]
-        yield S._item("where", i, img, "spatial", list(S.RELATIONS), 0, turns)
+        yield _item("where", i, img, "spatial", list(S.RELATIONS), 0, turns, objects)
 
 
 def probe_items(n: int, seed: int = 999):
@@ -106,8 +120,8 @@ def probe_items(n: int, seed: int = 999):
 
 
 def tally_scene(rng: np.random.Generator):
-    """The test split's comparison scene: (image, [(colour, shape)], (first, n1), (second, n2)), where n1 and n2 are
-    1-5 objects of two shapes at least two apart and one or two objects of the other shapes follow."""
+    """The test split's comparison scene: (image, [(colour, shape, row, col)], (first, n1), (second, n2)), where n1
+    and n2 are 1-5 objects of two shapes at least two apart and one or two objects of the other shapes follow."""
     gap = S._COMPARE_GAP[1]
     pairs = [(a, b) for a in range(1, S._MAX_COMPARE + 1) for b in range(1, S._MAX_COMPARE + 1) if abs(a - b) >= gap]
     first, second = (S.SHAPES[int(k)] for k in rng.choice(len(S.SHAPES), 2, replace=False))
@@ -119,7 +133,7 @@ def tally_scene(rng: np.random.Generator):
     cells = [int(c) for c in rng.choice(GRID * GRID, len(objects), replace=False)]
     img, draw = _canvas(rng)
     _place(draw, rng, objects, cells)
-    return img, objects, (first, n1), (second, n2)
+    return img, _scene(objects, cells), (first, n1), (second, n2)
 
 
 def tally_asks(rng: np.random.Generator, first: str, n1: int, second: str, n2: int) -> list[tuple[str, str]]:
@@ -141,11 +155,11 @@ def tally_items(n: int, seed: int = 4242):
             if S._is_new(img, seen):
                 break
         asks = tally_asks(rng, first, n1, second, n2)
-        colours = [c for c, _ in objects]
-        unique = [(c, s) for c, s in objects if colours.count(c) == 1]
+        colours = [c for c, _, _, _ in objects]
+        unique = [(c, s) for c, s, _, _ in objects if colours.count(c) == 1]
         asks += [(S.question_text("shape", unique[int(k)][0]), unique[int(k)][1])
                  for k in rng.permutation(len(unique))[:2]]
-        yield S._item("tally", i, img, "comparison", list(S.YES_NO), 1, asks)
+        yield _item("tally", i, img, "comparison", list(S.YES_NO), 1, asks, objects)
 
 
 def lookup_items(n: int, seed: int = 777):
@@ -166,7 +180,7 @@ def lookup_items(n: int, seed: int = 777):
         asks = [(S.question_text("shape", c), s) for c, s in objects]
         asks += [(S.question_text("colour", s), c) for c, s in objects if shapes.count(s) == 1]
         asks = [asks[int(j)] for j in rng.permutation(len(asks))]
-        yield S._item("lookup", i, img, "shape", list(S.SHAPES), 1, asks)
+        yield _item("lookup", i, img, "shape", list(S.SHAPES), 1, asks, _scene(objects, cells))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

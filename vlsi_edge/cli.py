@@ -116,7 +116,7 @@ def inspect(model: str | None = None, json_out: bool = False, list_presets: bool
 
 def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 200, n_test: int = 1000,
                seed: int = 0, difficulty: int = 1, image_size: int = 112, captions: bool = False,
-               n_curriculum: int = 0, overwrite: bool = False) -> int:
+               n_curriculum: int = 0, scene_targets: bool = False, overwrite: bool = False) -> int:
     """Write the built-in synthetic suite (builtin:shapes) as LLaVA JSON files plus PNG images.
 
     Args:
@@ -130,6 +130,7 @@ def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: in
         image_size: side of the square images in pixels
         captions: end each pretrain grid item with a turn that names every cell of its grid
         n_curriculum: items in each warm-up stage before pretrain (solo-large, solo-small, pairs, triples; 0: none)
+        scene_targets: give every grid item an `aux` list (its scene as numbers) for train.aux_weight
         overwrite: replace an existing non-empty folder
     """
     from vlsi_edge.data.shapes import synth
@@ -140,7 +141,7 @@ def data_synth(out: str, n_pretrain: int = 10000, n_train: int = 2000, n_val: in
             raise UserError(f"{name} {value} is negative; expected a count >= 0")
     path = synth(Path(out), n_pretrain=n_pretrain, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
                  difficulty=difficulty, image_size=image_size, captions=int(captions), n_curriculum=n_curriculum,
-                 overwrite=overwrite)
+                 scene_targets=int(scene_targets), overwrite=overwrite)
     info = json.loads((Path(path) / "info.json").read_text())
     counts = info.get("counts", {})
     print(f"wrote {path}: " + ", ".join(f"{k} {v if isinstance(v, int) else sum(v.values())}"

@@ -44,6 +44,10 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     max_length: int | None = None
     distributed: Literal["ddp", "fsdp2"] = "ddp"   # under torchrun
+    # scene targets: records' `aux` lists regressed by a zero-initialised linear head on decoder layer aux_layer
+    # (default: half the depth) at every text position after the image, MSE weighted by aux_weight (0: off)
+    aux_weight: float = 0.0
+    aux_layer: int | None = None
 
 
 @dataclass
@@ -159,8 +163,10 @@ class DistillConfig:
         p += [f"{k} = {v}: expected > 0" for k, v in positive.items() if v <= 0]
         nonneg = {"optim.lr": self.optim.lr, "optim.warmup_steps": self.optim.warmup_steps,
                   "optim.weight_decay": self.optim.weight_decay, "optim.clip": self.optim.clip,
-                  "optim.min_lr_ratio": self.optim.min_lr_ratio}
+                  "optim.min_lr_ratio": self.optim.min_lr_ratio, "train.aux_weight": self.train.aux_weight}
         p += [f"{k} = {v}: expected >= 0" for k, v in nonneg.items() if v < 0]
+        if self.train.aux_layer is not None and self.train.aux_layer < 1:
+            p.append(f"train.aux_layer = {self.train.aux_layer}: expected a decoder layer number >= 1")
         for name in ("scale", "eps", "fixed_temperature"):
             if getattr(self.matching, name) <= 0:
                 p.append(f"matching.{name} = {getattr(self.matching, name)}: expected > 0")

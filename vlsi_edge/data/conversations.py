@@ -331,7 +331,7 @@ def _builtin_folder(spec: str) -> Path:
                             "expected an integer value") from None
     params = shapes.validate_params(**params)
     # options at their off value are left out of the hash, so caches made before they existed stay valid
-    hashed = {k: v for k, v in params.items() if not (k in ("captions", "n_curriculum") and v == 0)}
+    hashed = {k: v for k, v in params.items() if not (k in ("captions", "n_curriculum", "scene_targets") and v == 0)}
     if params["n_curriculum"]:      # a folder made with fewer warm-up splits is not reused
         hashed["curriculum_splits"] = list(shapes.CURRICULUM_SPLITS)
     digest = hashlib.sha256(json.dumps({"params": hashed, "version": shapes.GENERATOR_VERSION},

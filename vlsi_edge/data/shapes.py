@@ -29,6 +29,10 @@ most one distractor, so objects are two to four times larger; `difficulty` 0 in 
 vision tower gets off the answer-prior plateau on large objects far sooner than on the test split's small ones; easy
 colour and shape items show a single object filling most of the image.
 
+`scene_targets=1` adds to every grid item's record an `aux` list: the scene as numbers (`scene_target`, layout in
+`AUX_NAMES`), which `vlsi-edge train --set train.aux_weight=W` regresses from the language model's hidden states
+(dense supervision of every object's identity, count and place at once). It draws nothing from the RNG.
+
 `n_curriculum=N` (0 by default, and then nothing changes) adds four warm-up splits of N items each, meant to be
 trained on in this order before `pretrain`: `solo-large` (one object on a 2x2 grid), `solo-small` (one object on
 the test split's 4x4 grid), `pairs` (two objects in one row or column) and `triples` (a pair and one distractor);
@@ -73,7 +77,7 @@ CELL_LINE = (215, 215, 215)
 CLUTTER_GREYS = ((110, 110, 110), (135, 135, 135), (160, 160, 160), (185, 185, 185), (200, 200, 200))
 CLUTTER_LINES = ((190, 190, 190), (205, 195, 175), (175, 200, 200), (200, 185, 205))
 DEFAULTS = {"n_pretrain": 10000, "n_train": 2000, "n_val": 200, "n_test": 1000, "seed": 0, "difficulty": 1,
-            "image_size": 112, "captions": 0, "n_curriculum": 0}
+            "image_size": 112, "captions": 0, "n_curriculum": 0, "scene_targets": 0}
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 112, 1024
 
 ANSWERS = {
@@ -284,6 +288,26 @@ def caption(scene: list[tuple[str, str, int, int]], g: int) -> str:
     return "; ".join(", ".join(cells.get((r, c), "empty") for c in range(g)) for r in range(g))
 
 
+PAIRS = tuple(f"{c} {s}" for c in COLOUR_NAMES for s in SHAPES)
+AUX_NAMES = (tuple(f"count:{s}" for s in SHAPES) + tuple(f"count:{p}" for p in PAIRS)
+             + tuple(f"row:{p}" for p in PAIRS) + tuple(f"col:{p}" for p in PAIRS))
+
+
+def scene_target(scene: list[tuple[str, str, int, int]], g: int) -> list[float | None]:
+    """A grid scene as numbers, in `AUX_NAMES` order: the count of each shape / 5, the count of each colour-shape
+    pair, and the row and column centre of each pair present exactly once, as a fraction of the image's height and
+    width ((row + 0.5) / g, so a place means the same on every grid size); None where a pair is absent or repeated.
+
+    The records' `aux` field with `scene_targets=1`: `vlsi-edge train` with `train.aux_weight > 0` regresses it from
+    the language model's hidden states at every text position after the image (README, "Scene targets")."""
+    shapes = Counter(s for _, s, _, _ in scene)
+    pairs = Counter(f"{c} {s}" for c, s, _, _ in scene)
+    where = {f"{c} {s}": ((r + 0.5) / g, (k + 0.5) / g) for c, s, r, k in scene}
+    once = {p: where[p] if pairs[p] == 1 else (None, None) for p in PAIRS}
+    return ([shapes[s] / 5 for s in SHAPES] + [float(pairs[p]) for p in PAIRS]
+            + [once[p][0] for p in PAIRS] + [once[p][1] for p in PAIRS])
+
+
 def extra_questions(rng: np.random.Generator, scene: list[tuple[str, str, int, int]], asked: str,
                     limit: int = 3) -> list[tuple[str, str]]:
     """Up to `limit` more (question, answer) pairs about a grid scene [(colour, shape, row, col)], in the test
@@ -395,8 +419,9 @@ def validate_params(**params) -> dict:
     for name in ("n_pretrain", "n_train", "n_val", "n_test", "n_curriculum", "seed"):
         if merged[name] < 0:
             raise DataError(f"shapes parameter {name}={merged[name]} is negative", "expected 0 or more")
-    if merged["captions"] not in (0, 1):
-        raise DataError(f"shapes captions={merged['captions']} is not 0 or 1", "expected captions=0 or captions=1")
+    for name in ("captions", "scene_targets"):
+        if merged[name] not in (0, 1):
+            raise DataError(f"shapes {name}={merged[name]} is not 0 or 1", f"expected {name}=0 or {name}=1")
     if not 1 <= merged["difficulty"] <= 5:
         raise DataError(f"shapes difficulty={merged['difficulty']} is out of range", "expected 1, 2, 3, 4 or 5")
     if not MIN_IMAGE_SIZE <= merged["image_size"] <= MAX_IMAGE_SIZE:
@@ -405,10 +430,11 @@ def validate_params(**params) -> dict:
     return merged
 
 
-def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: int, captions: bool = False):
+def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: int, captions: bool = False,
+                   scene_targets: bool = False):
     """Yield (record, png bytes) for one split, deterministically from `seed` and the split's own RNG stream.
-    `captions` adds the caption turn to pretrain grid items (it draws nothing from the RNG: images, questions and
-    every other split stay byte-identical)."""
+    `captions` adds the caption turn to pretrain grid items and `scene_targets` the `aux` field to every grid item
+    (neither draws from the RNG: images, questions and every other split stay byte-identical)."""
     rng = _split_rng(split, seed)
     categories = _Deck(list(CATEGORIES), rng)
     decks = {c: _Deck(_deck_items(c), rng) for c in CATEGORIES}
@@ -425,7 +451,10 @@ def generate_split(split: str, n: int, seed: int, difficulty: int, image_size: i
         if split == "pretrain" and scene is not None:
             turns += extra_questions(rng, scene, question)
             turns += [(CAPTION_QUESTION, caption(scene, g))] if captions else []
-        yield _item(split, i, img, category, choices, 0 if easy else difficulty, turns)
+        record, png = _item(split, i, img, category, choices, 0 if easy else difficulty, turns)
+        if scene_targets and scene is not None:
+            record["aux"] = scene_target(scene, g)
+        yield record, png
 
 
 def _is_new(img: Image.Image, seen: set[bytes]) -> bool:
@@ -468,7 +497,7 @@ def position_question(colour: str, shape: str, axis: str) -> str:
     return f"Is the {colour} {shape} {POSITION_QUESTIONS[axis][2]}? {_SUFFIX['word']}"
 
 
-def generate_curriculum_split(split: str, n: int, seed: int, image_size: int):
+def generate_curriculum_split(split: str, n: int, seed: int, image_size: int, scene_targets: bool = False):
     """Yield (record, png bytes) for one warm-up stage; train on them in order, then on `pretrain`.
 
     - `solo-large`: one object in a cell of a 2x2 grid (28-52 px at 112 px); asks its shape, its colour, and which
@@ -521,7 +550,10 @@ def generate_curriculum_split(split: str, n: int, seed: int, image_size: int):
                      (position_question(colour, shape, "vertical"), "top" if row < g // 2 else "bottom")]
             turns = [(question_text("shape", colour), shape), (question_text("colour", shape), colour)]
             turns += [where[int(k)] for k in rng.permutation(2)]
-        yield _item(split, i, img, category, choices, 0, turns)
+        record, png = _item(split, i, img, category, choices, 0, turns)
+        if scene_targets:
+            record["aux"] = scene_target(scene, g)
+        yield record, png
 
 
 def _is_nonempty_dir(path: Path) -> bool:
@@ -530,12 +562,12 @@ def _is_nonempty_dir(path: Path) -> bool:
 
 def synth(out: Path, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 200, n_test: int = 1000,
           seed: int = 0, difficulty: int = 1, image_size: int = 112, captions: int = 0, n_curriculum: int = 0,
-          overwrite: bool = False) -> Path:
+          scene_targets: int = 0, overwrite: bool = False) -> Path:
     """Generate the suite into `out` (see the module docstring); returns `out`. Refuses a non-empty `out` unless
     `overwrite`. Same parameters, same bytes."""
     params = validate_params(n_pretrain=n_pretrain, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed,
                              difficulty=difficulty, image_size=image_size, captions=captions,
-                             n_curriculum=n_curriculum)
+                             n_curriculum=n_curriculum, scene_targets=scene_targets)
     out = Path(out)
     if _is_nonempty_dir(out) and not overwrite:
         raise DataError(f"output folder {out} already exists and is not empty",
@@ -549,10 +581,11 @@ def synth(out: Path, n_pretrain: int = 10000, n_train: int = 2000, n_val: int = 
             img_dir.mkdir(parents=True)
             lines, per_cat = [], Counter()
             if split in CURRICULUM_SPLITS:
-                items = generate_curriculum_split(split, params["n_curriculum"], params["seed"], params["image_size"])
+                items = generate_curriculum_split(split, params["n_curriculum"], params["seed"], params["image_size"],
+                                                  bool(params["scene_targets"]))
             else:
                 items = generate_split(split, params[f"n_{split}"], params["seed"], params["difficulty"],
-                                       params["image_size"], bool(params["captions"]))
+                                       params["image_size"], bool(params["captions"]), bool(params["scene_targets"]))
             for record, png in items:
                 (tmp / record["image"]).write_bytes(png)
                 lines.append(json.dumps(record, sort_keys=True))

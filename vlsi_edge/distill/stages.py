@@ -25,23 +25,62 @@ class Side(nn.Module):
     """One model plus its verbalizers, as one module (what DDP/FSDP wraps): forward gives response-token features.
 
     Returns `{layer: (N, D)}`: verbalizer features `norm(verbFFN(h_k))` for target layers and the post-norm final
-    state for `num_layers`, gathered at the N response positions.
+    state for `num_layers`, gathered at the N response positions. With a scene-target head (`aux`, a linear layer
+    on decoder layer `aux_layer`) and `aux_target` in the batch, also `"aux"`: the mean over text positions after
+    the image of the squared error on the target's supervised entries, per row (`scene_loss`).
     """
 
-    def __init__(self, adapter, verb: Verbalizers | None):
+    def __init__(self, adapter, verb: Verbalizers | None, aux: nn.Linear | None = None, aux_layer: int = 0):
         super().__init__()
         self.adapter = adapter
         self.model = adapter.model
         self.verb = verb
+        self.aux = aux
+        self.aux_layer = aux_layer
 
     def forward(self, batch: dict, layers: list[int], index: torch.Tensor, backbone_grad: bool) -> dict:
+        aux_target = batch.pop("aux_target", None)
+        wanted = list(layers) + ([self.aux_layer] if aux_target is not None else [])
         with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
-            states = self.adapter.hidden_states(batch, layers)
+            states = self.adapter.hidden_states(batch, wanted)
         out = {}
         for k in layers:
             h = losses.gather(states[k], index)  # (N, D)
             out[k] = h if k == self.adapter.num_layers else self.verb.features(k, h, self.adapter.final_norm)
+        if aux_target is not None:
+            mask = text_after_image(batch, image_token_id(self.model.config))
+            out["aux"] = scene_loss(self.aux(states[self.aux_layer]), aux_target, mask)
         return out
+
+
+def image_token_id(config) -> int | None:
+    """The image placeholder's token id (Qwen-VL families: `image_token_id`; LLaVA ones: `image_token_index`)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def text_after_image(batch: dict, image_token: int | None) -> torch.Tensor:
+    """[batch, tokens] mask of the real tokens after each row's last image token (every real token of a row
+    without one)."""
+    ids = batch["input_ids"]
+    pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    last = torch.where(ids == image_token, pos, torch.full_like(pos, -1)).amax(1, keepdim=True) \
+        if image_token is not None else torch.full_like(pos[:, :1], -1)
+    return (pos > last) & batch["attention_mask"].bool()
+
+
+def scene_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row [B]: the squared error averaged over the row's supervised (finite) target entries and its masked
+    positions; 0 for a row with neither (still in the graph, which DDP needs). pred [B, T, A], target [B, A] (NaN:
+    not supervised), mask [B, T]."""
+    known = torch.isfinite(target)
+    per_entry = (pred - torch.nan_to_num(target)[:, None, :]) ** 2 * known[:, None, :]
+    per_pos = per_entry.sum(-1) / known.sum(-1, keepdim=True).clamp(min=1)        # [B, T]
+    use = mask & known.any(-1, keepdim=True)
+    return (per_pos * use).sum(-1) / use.sum(-1).clamp(min=1)
 
 
 @dataclass
@@ -56,6 +95,9 @@ class Context:
     teacher_cache: object = None     # TeacherCache or None
     matching_log: object = None
     stats: dict = field(default_factory=dict)
+
+
+SCENE_PHASES = ("sft", "kd", "interact")     # the phases that train the student's backbone, and so its scene head
 
 
 def trainable_parameters(phase: str, ctx: Context, lora: bool) -> tuple[list, list]:
@@ -80,6 +122,10 @@ def trainable_parameters(phase: str, ctx: Context, lora: bool) -> tuple[list, li
             model_params = [p for p in s_model.parameters() if phase != "interact" or p is not head]
         if phase == "interact":
             verb_params = list(s_verb.parameters())
+    if ctx.student.aux is not None:
+        ctx.student.aux.requires_grad_(False)
+        if phase in SCENE_PHASES:
+            model_params += list(ctx.student.aux.parameters())
     for p in model_params + verb_params:
         p.requires_grad_(True)
     return model_params, verb_params
@@ -101,6 +147,7 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
     trained_call = trained_call or trained_side
     labels = batch.pop("labels")
     index, targets = losses.response_positions(labels)
+    per_row = (labels[:, 1:] != -100).sum(1).to(torch.float32)     # response tokens of each row
     sn = ctx.student.adapter.num_layers
     head = ctx.student.adapter.lm_head  # read .weight only after the forward: FSDP2 gathers it there
 
@@ -114,7 +161,7 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
 
     if phase == "sft":
         feats = trained_call(batch, [sn], index, backbone_grad=True)
-        return losses.chunked_ce(feats[sn], head.weight, targets, vocab, chunk), {}
+        return _with_scene(ctx, feats, per_row, losses.chunked_ce(feats[sn], head.weight, targets, vocab, chunk), {})
 
     teacher = _teacher_outputs(ctx, batch, index, item_ids, final_only=(phase == "kd"))
     if teacher["n"] != index.numel():
@@ -131,7 +178,7 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
             ce = losses.chunked_ce(feats[sn], w_s, targets, vocab, chunk)
             loss = loss + cfg.kd.ce_weight * ce
             logs["ce"] = ce.detach()
-        return loss, logs
+        return _with_scene(ctx, feats, per_row, loss, logs)
 
     # interact ------------------------------------------------------------------------------------------
     feats = trained_call(batch, [*ctx.s_layers, sn], index, backbone_grad=True)
@@ -176,7 +223,20 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
         loss = loss + last
         logs["last"] = last.detach()
     logs["matched"] = [ctx.t_layers[j] for j in result.teacher_index]
-    return loss, logs
+    return _with_scene(ctx, feats, per_row, loss, logs)
+
+
+def _with_scene(ctx: Context, feats: dict, per_row: torch.Tensor, loss: torch.Tensor, logs: dict):
+    """Add the scene-target loss when the batch had one: `aux_weight` x each row's error times the row's response
+    tokens. The trainer divides by the step's response tokens, so the scene loss weighs `aux_weight` x its
+    token-weighted mean (rows without a target count 0) against the per-token answer loss, and, being a sum over
+    rows like that loss, splits over micro-batches and ranks exactly. Logged as `aux` and `main` (the loss without
+    it), per token like `loss`."""
+    if "aux" not in feats:
+        return loss, logs
+    term = (feats["aux"] * per_row).sum()
+    logs.update(main=loss.detach(), aux=term.detach())
+    return loss + ctx.cfg.train.aux_weight * term, logs
 
 
 def _pair_loss(op: str, x_s, w_s, teacher, targets, vocab, chunk, direction, student_lse=None):

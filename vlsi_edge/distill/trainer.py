@@ -28,7 +28,7 @@ import torch
 from vlsi_edge import fileio
 from vlsi_edge.config import DistillConfig
 from vlsi_edge.distill import checkpoint as ckpt
-from vlsi_edge.distill.stages import Context, Side, phase_loss, response_tokens, trainable_parameters
+from vlsi_edge.distill.stages import SCENE_PHASES, Context, Side, phase_loss, response_tokens, trainable_parameters
 from vlsi_edge.distill.verbalizer import Verbalizers, fingerprint
 from vlsi_edge.errors import ConfigError, UserError
 
@@ -270,7 +270,7 @@ class Trainer:
                 self.have_teacher_verbalizers = True
             else:
                 t_verb = Verbalizers(self.t_layers, teacher.hidden_size, cfg.verbalizer.residual).to(self.device)
-        self.student_side = Side(student, s_verb)
+        self.student_side = Side(student, s_verb, *self._scene_head(student))
         self.teacher_side = Side(teacher, t_verb) if teacher is not None else None
         self.phases = phases_for(cfg, self.have_teacher_verbalizers)
         if "interact" in self.phases and teacher is None and not cfg.cache.dir:
@@ -285,6 +285,47 @@ class Trainer:
         self.ctx = Context(cfg=cfg, student=self.student_side, teacher=self.teacher_side, vocab=self.vocab,
                            s_layers=self.s_layers, t_layers=self.t_layers, reduce_sum=self.dist.reduce_sum,
                            teacher_cache=None, matching_log=self.matching_log)
+
+    def _scene_head(self, student) -> tuple:
+        """(head, layer) for `train.aux_weight > 0`: a zero-initialised linear map from decoder layer `aux_layer`
+        to the records' `aux` targets (the head first learns to read, so no early error reaches the model);
+        (None, 0) when off. Checks every record's target and builds the [samples, A] target table (NaN: none)."""
+        cfg = self.cfg.train
+        if not cfg.aux_weight:
+            return None, 0
+        layer = cfg.aux_layer or max(1, student.num_layers // 2)
+        if layer > student.num_layers:
+            raise ConfigError(f"train.aux_layer = {layer} is beyond the student's {student.num_layers} layers",
+                              f"expected 1..{student.num_layers}")
+        width, rows = None, []
+        for sample in self.samples:
+            aux = sample.meta.get("aux")
+            if aux is None:
+                rows.append(None)
+                continue
+            if not isinstance(aux, list) or not aux or not all(
+                    v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+                    for v in aux):
+                raise UserError(f"sample {sample.id!r}: 'aux' is not a non-empty list of finite numbers or nulls",
+                                "expected e.g. \"aux\": [0.2, 1, null] (builtin:shapes:scene_targets=1 writes them)")
+            if width is not None and len(aux) != width:
+                raise UserError(f"sample {sample.id!r}: 'aux' has {len(aux)} entries, earlier samples {width}",
+                                "expected the same target layout in every record")
+            width = len(aux)
+            rows.append(aux)
+        if width is None:
+            raise UserError(f"train.aux_weight = {cfg.aux_weight} but no sample of {self.cfg.data} (split "
+                            f"{self.cfg.split}) has an 'aux' target",
+                            "add scene_targets=1 to a builtin:shapes spec, or set train.aux_weight=0")
+        nan = [math.nan] * width     # keyed by the sample object below: record ids need not be unique
+        self.aux_table = {id(s): torch.tensor([math.nan if v is None else v for v in (r or nan)], dtype=torch.float32)
+                          for s, r in zip(self.samples, rows)}
+        head = torch.nn.Linear(student.hidden_size, width).to(self.device)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        self.log(f"scene targets: {width} per record ({sum(r is not None for r in rows):,} of {len(rows):,} "
+                 f"records), head on decoder layer {layer}, weight {cfg.aux_weight}")
+        return head, layer
 
     def _cache_identity(self, full: bool) -> dict:
         cfg = self.cfg
@@ -386,6 +427,8 @@ class Trainer:
             batch = self.t_collate(samples)
         else:
             batch = self.s_collate(samples)
+            if phase in SCENE_PHASES and self.student_side.aux is not None:
+                batch["aux_target"] = torch.stack([self.aux_table[id(s)] for s in samples])
             if phase in ("interact", "kd") and self.t_collate is not None:
                 batch["teacher_batch"] = {k: v.to(self.device) for k, v in self.t_collate(samples).items()}
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -398,6 +441,8 @@ class Trainer:
         call = self._wrap(phase)
         side = self.teacher_side if phase == "verbalize-teacher" else self.student_side
         model_params = [p for p in side.model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps them
+        if side.aux is not None:
+            model_params += [p for p in side.aux.parameters() if p.requires_grad]
         verb_params = [p for p in side.verb.parameters() if p.requires_grad]
         groups = []
         decay = cfg.optim.weight_decay
@@ -527,6 +572,8 @@ class Trainer:
                     tensors["student." + k.removeprefix("model.")] = v
             elif k.startswith("verb."):
                 tensors["student_verb." + k.removeprefix("verb.")] = v
+            elif k.startswith("aux."):
+                tensors["student_aux." + k.removeprefix("aux.")] = v
         if self.teacher_side is not None and self.teacher_side.verb is not None:
             tensors.update({f"teacher_verb.{k}": v for k, v in self.teacher_side.verb.state_dict().items()})
         tensors["rng.torch"] = torch.get_rng_state()
@@ -555,6 +602,9 @@ class Trainer:
             model.load_state_dict(student, strict=False)  # tied weights appear once in a gathered state
         self.student_side.verb.load_state_dict(
             {k.removeprefix("student_verb."): v for k, v in t.items() if k.startswith("student_verb.")})
+        if self.student_side.aux is not None:
+            self.student_side.aux.load_state_dict(
+                {k.removeprefix("student_aux."): v for k, v in t.items() if k.startswith("student_aux.")})
         tv = {k.removeprefix("teacher_verb."): v for k, v in t.items() if k.startswith("teacher_verb.")}
         if tv and self.teacher_side is not None:
             self.teacher_side.verb.load_state_dict(tv)
