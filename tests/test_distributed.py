@@ -63,16 +63,38 @@ def test_fsdp2_two_processes_equal_one(single, tmp_path):
     _compare(single, out)
 
 
-def test_ddp_with_scene_targets_equals_one(tmp_path):
+SCENE_ARGS = ["train", "--model", "builtin:tiny-qwen2vl-student", "--data", DATA + ",scene_targets=1", "--steps", "3",
+              "--set", "train.aux_weight=3", "train.aux_layer=2"]
+
+
+@pytest.fixture(scope="module")
+def scene_single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scene") / "one"
+    _run([sys.executable, "-m", "vlsi_edge.cli", *SCENE_ARGS, "--batch-size", "8", "--out", str(out)], out.parent)
+    return out
+
+
+def _compare_scene(one: Path, two: Path) -> None:
+    for name in ("student/model.safetensors", "aux_head.safetensors"):
+        wa, wb = (load_file(str(p / name)) for p in (one, two))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=f"{name} {k}")
+
+
+def test_ddp_with_scene_targets_equals_one(scene_single, tmp_path):
     """The scene-target loss is a sum over rows like the answer loss, so 2 ranks x 4 rows equal 1 process x 8."""
-    args = ["train", "--model", "builtin:tiny-qwen2vl-student", "--data", DATA + ",scene_targets=1", "--steps", "3",
-            "--set", "train.aux_weight=3", "train.aux_layer=2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "vlsi_edge.cli", *args, "--batch-size", "8", "--out", str(one)], tmp_path)
-    _run(_torchrun(2) + [*args, "--batch-size", "4", "--out", str(two)], tmp_path)
-    wa, wb = (load_file(str(p / "student" / "model.safetensors")) for p in (one, two))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
+    one, two = scene_single, tmp_path / "two"
+    _run(_torchrun(2) + [*SCENE_ARGS, "--batch-size", "4", "--out", str(two)], tmp_path)
+    _compare_scene(one, two)
     # the loss lines agree (all-reduced); `aux`, like every other logged term, is rank 0's own share
     la, lb = ([json.loads(x) for x in (p / "metrics.jsonl").open()] for p in (one, two))
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5) and la[-1]["aux"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp2_with_scene_targets_equals_one(scene_single, tmp_path):
+    out = tmp_path / "fsdp2"
+    _run(_torchrun(2) + [*SCENE_ARGS, "--batch-size", "4", "--out", str(out), "--set", "train.distributed=fsdp2"],
+         tmp_path)
+    _compare_scene(scene_single, out)

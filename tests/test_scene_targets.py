@@ -114,7 +114,8 @@ def test_aux_weight_trains_head_and_model_and_zero_changes_nothing(tmp_path, tor
     assert "aux" not in json.loads((plain / "metrics.jsonl").read_text().splitlines()[0])
     state = load_file(str(next((on / "state").glob("sft-*/tensors.safetensors"))))
     head = {k: v for k, v in state.items() if k.startswith("student_aux.")}
-    assert head["student_aux.weight"].shape == (len(shapes.AUX_NAMES), 128) and head["student_aux.weight"].abs().sum() > 0
+    weight = head["student_aux.weight"]
+    assert weight.shape == (len(shapes.AUX_NAMES), 128) and weight.abs().sum() > 0
     assert not any("aux" in k for k in c)                            # the head is not part of the student
 
 
@@ -165,3 +166,26 @@ def test_bad_scene_target_input(tmp_path, capsys):
     _one_line(capsys, _train(tmp_path / "e", "--set", "train.aux_weight=1", data=str(tmp_path / "train.json")),
               "finite numbers")
     assert not any((tmp_path / name).exists() for name in "abcde")
+
+
+def test_head_is_saved_and_starts_the_next_stage(tmp_path, capsys, torch_threads):
+    first, second, fresh = tmp_path / "first", tmp_path / "second", tmp_path / "fresh"
+    assert _train(first, "--set", "train.aux_weight=5") == 0
+    saved = load_file(str(first / "aux_head.safetensors"))
+    state = load_file(str(next((first / "state").glob("sft-*/tensors.safetensors"))))
+    assert all(torch.equal(saved[k], state[f"student_aux.{k}"]) for k in ("weight", "bias"))
+    assert saved["weight"].abs().sum() > 0
+    # at lr 0 the head of the next stage stays what it started from: the saved one, or zeros without aux_init
+    for run, extra in ((second, [f"train.aux_init={first}"]), (fresh, [])):
+        assert main(["train", "--model", str(first / "student"), "--data", DATA, "--out", str(run), "--steps", "2",
+                     "--batch-size", "4", "--lr", "0", "--set", "train.aux_weight=5", *extra]) == 0
+    assert all(torch.equal(saved[k], v) for k, v in load_file(str(second / "aux_head.safetensors")).items())
+    assert all(v.abs().sum() == 0 for v in load_file(str(fresh / "aux_head.safetensors")).values())
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3, 128), "bias": torch.zeros(3)}, str(tmp_path / "wrong.safetensors"))
+    for init, needle in ((tmp_path / "missing.safetensors", "not found"), (tmp_path / "wrong.safetensors", "needs")):
+        capsys.readouterr()
+        _one_line(capsys, _train(tmp_path / "bad", "--set", "train.aux_weight=1", f"train.aux_init={init}"),
+                  "aux_init", needle)
+        assert not (tmp_path / "bad").exists()

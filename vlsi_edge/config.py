@@ -48,6 +48,7 @@ class TrainConfig:
     # (default: half the depth) at every text position after the image, MSE weighted by aux_weight (0: off)
     aux_weight: float = 0.0
     aux_layer: int | None = None
+    aux_init: str | None = None      # start the head from RUN/aux_head.safetensors of an earlier stage
 
 
 @dataclass

@@ -323,6 +323,8 @@ class Trainer:
         head = torch.nn.Linear(student.hidden_size, width).to(self.device)
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
+        if cfg.aux_init:
+            head.load_state_dict(_load_scene_head(Path(cfg.aux_init), head))
         self.log(f"scene targets: {width} per record ({sum(r is not None for r in rows):,} of {len(rows):,} "
                  f"records), head on decoder layer {layer}, weight {cfg.aux_weight}")
         return head, layer
@@ -656,6 +658,14 @@ class Trainer:
             if self.lora:
                 merged = self.peft_model.merge_and_unload()
                 adapter.model = merged
+            if self.student_side.aux is not None:   # for the next stage's train.aux_init; before student/ too
+                from safetensors.torch import save_file
+
+                head = {k.removeprefix("aux."): v for k, v in full.items() if k.startswith("aux.")} \
+                    if self._sharded else self.student_side.aux.state_dict()
+                with fileio.atomic_path(self.out / "aux_head.safetensors") as head_tmp:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(head_tmp),
+                              metadata={"layer": str(self.student_side.aux_layer)})
             tmp = self.out / ".student.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             adapter.target_layers = self.s_layers
@@ -667,6 +677,26 @@ class Trainer:
             self.log(f"done: {', '.join(done)}; student checkpoint at {final}")
         self.dist.barrier()
         return final
+
+
+def _load_scene_head(path: Path, head: torch.nn.Linear) -> dict[str, torch.Tensor]:
+    """The weights of RUN/aux_head.safetensors (a run folder is taken to mean that file), checked against `head`."""
+    from safetensors.torch import load_file
+
+    path = path / "aux_head.safetensors" if path.is_dir() else path
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"train.aux_init: {path} not found", "expected RUN/aux_head.safetensors of a run made with "
+                        "train.aux_weight > 0") from None
+    except Exception as e:  # not a safetensors file
+        raise UserError(f"train.aux_init: {path} is not a safetensors file ({type(e).__name__})") from None
+    want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if got != want:
+        raise UserError(f"train.aux_init: {path} holds {got}, this run's head needs {want}",
+                        "use a head trained on the same aux layout and a model of the same hidden size")
+    return state
 
 
 class _Progress:
