@@ -28,23 +28,28 @@ def _torchrun(nproc: int) -> list[str]:
             "-m", "vlsi_edge.cli"]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def _one_process(tmp_path_factory, args: list[str]) -> Path:
     out = tmp_path_factory.mktemp("single") / "run"
-    _run([sys.executable, "-m", "vlsi_edge.cli", *ARGS, "--batch-size", "8", "--out", str(out)], out.parent)
+    _run([sys.executable, "-m", "vlsi_edge.cli", *args, "--batch-size", "8", "--out", str(out)], out.parent)
     return out
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    return _one_process(tmp_path_factory, ARGS)
+
+
+def _same_tensors(a: Path, b: Path, files: list[str]) -> None:
+    for name in files:
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys(), name
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=f"{name}: {k}")
+
+
 def _compare(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a / "student" / "model.safetensors")), load_file(str(b / "student" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=k)
-    for name in ("teacher", "student"):
-        va = load_file(str(a / "verbalizers" / f"{name}.safetensors"))
-        vb = load_file(str(b / "verbalizers" / f"{name}.safetensors"))
-        for k in va:
-            torch.testing.assert_close(va[k], vb[k], rtol=1e-5, atol=1e-5, msg=f"{name} verbalizer {k}")
+    _same_tensors(a, b, ["student/model.safetensors", "verbalizers/teacher.safetensors",
+                         "verbalizers/student.safetensors"])
     ma, mb = (json.loads((p / "matching.json").read_text()) for p in (a, b))
     assert ma["total"] == mb["total"], "ranks sampled a different matching than one process"
 
@@ -69,24 +74,14 @@ SCENE_ARGS = ["train", "--model", "builtin:tiny-qwen2vl-student", "--data", DATA
 
 @pytest.fixture(scope="module")
 def scene_single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scene") / "one"
-    _run([sys.executable, "-m", "vlsi_edge.cli", *SCENE_ARGS, "--batch-size", "8", "--out", str(out)], out.parent)
-    return out
-
-
-def _compare_scene(one: Path, two: Path) -> None:
-    for name in ("student/model.safetensors", "aux_head.safetensors"):
-        wa, wb = (load_file(str(p / name)) for p in (one, two))
-        assert wa.keys() == wb.keys()
-        for k in wa:
-            torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-5, msg=f"{name} {k}")
+    return _one_process(tmp_path_factory, SCENE_ARGS)
 
 
 def test_ddp_with_scene_targets_equals_one(scene_single, tmp_path):
     """The scene-target loss is a sum over rows like the answer loss, so 2 ranks x 4 rows equal 1 process x 8."""
     one, two = scene_single, tmp_path / "two"
     _run(_torchrun(2) + [*SCENE_ARGS, "--batch-size", "4", "--out", str(two)], tmp_path)
-    _compare_scene(one, two)
+    _same_tensors(one, two, ["student/model.safetensors", "aux_head.safetensors"])
     # the loss lines agree (all-reduced); `aux`, like every other logged term, is rank 0's own share
     la, lb = ([json.loads(x) for x in (p / "metrics.jsonl").open()] for p in (one, two))
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5) and la[-1]["aux"] > 0
@@ -97,4 +92,4 @@ def test_fsdp2_with_scene_targets_equals_one(scene_single, tmp_path):
     out = tmp_path / "fsdp2"
     _run(_torchrun(2) + [*SCENE_ARGS, "--batch-size", "4", "--out", str(out), "--set", "train.distributed=fsdp2"],
          tmp_path)
-    _compare_scene(scene_single, out)
+    _same_tensors(scene_single, out, ["student/model.safetensors", "aux_head.safetensors"])
