@@ -2,17 +2,14 @@
 probes read a tiny checkpoint's vision tokens, and bad input is one line and exit 2."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
+
+from scriptload import load_script
 
 from vlsi_edge.data.conversations import Sample, Turn
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("attention_probe", ROOT / "scripts" / "attention_probe.py")
-attention_probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(attention_probe)
+attention_probe = load_script("attention_probe")
 
 MODEL = "builtin:tiny-qwen2vl-student"
 DATA = "builtin:shapes:n_pretrain=0,n_train=16,n_val=8,n_test=8"

@@ -2,21 +2,17 @@
 short run writes a checkpoint the toolkit loads; bad input is one line and exit 2."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from scriptload import load_script
 
 from vlsi_edge.data.shapes import COLOURS, SHAPES, question_text
 from vlsi_edge.models.registry import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("lm_counts", ROOT / "scripts" / "lm_counts.py")
-lm_counts = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lm_counts)
+lm_counts = load_script("lm_counts")
 
 MODEL = "builtin:tiny-qwen2vl-student"
 

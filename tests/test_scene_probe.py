@@ -2,22 +2,18 @@
 checkpoint, and bad input is one line and exit 2."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
+from scriptload import load_script  # noqa: E402
 
 from vlsi_edge.data.shapes import AUX_NAMES  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("scene_probe", ROOT / "scripts" / "scene_probe.py")
-scene_probe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(scene_probe)
+scene_probe = load_script("scene_probe")
 
 MODEL = "builtin:tiny-qwen2vl-student"
 DATA = "builtin:shapes:n_pretrain=0,n_train=0,n_val=40,n_test=0,seed=5,scene_targets=1"

@@ -2,20 +2,16 @@
 vision tower, and writes a checkpoint the toolkit loads."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
+from scriptload import load_script
 
 from vlsi_edge.data.shapes import COLOUR_NAMES, COLOURS, SHAPES
 from vlsi_edge.models.registry import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("vision_cells", ROOT / "scripts" / "vision_cells.py")
-vision_cells = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(vision_cells)
+vision_cells = load_script("vision_cells")
 
 MODEL = "builtin:tiny-qwen2vl-student"
 

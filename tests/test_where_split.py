@@ -2,20 +2,16 @@
 scenes and load as a dataset folder."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scriptload import load_script
 
 from vlsi_edge.data.conversations import open_dataset
 from vlsi_edge.data.shapes import COLOURS, PLURALS
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("where_split", ROOT / "scripts" / "where_split.py")
-where_split = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(where_split)
+where_split = load_script("where_split")
 
 DATA = "builtin:shapes:n_pretrain=0,n_train=8,n_val=4,n_test=8"
 
