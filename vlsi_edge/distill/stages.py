@@ -147,7 +147,7 @@ def phase_loss(phase: str, ctx: Context, batch: dict, step_key: int, item_ids: l
     trained_call = trained_call or trained_side
     labels = batch.pop("labels")
     index, targets = losses.response_positions(labels)
-    per_row = (labels[:, 1:] != -100).sum(1).to(torch.float32)     # response tokens of each row
+    per_row = (labels[:, 1:] != losses.IGNORE).sum(1).to(torch.float32)     # response tokens of each row
     sn = ctx.student.adapter.num_layers
     head = ctx.student.adapter.lm_head  # read .weight only after the forward: FSDP2 gathers it there
 
