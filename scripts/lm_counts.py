@@ -41,8 +41,8 @@ import torch
 from vlsi_edge.data import shapes as S
 from vlsi_edge.data.collate import Collator
 from vlsi_edge.data.conversations import Sample, Turn
+from vlsi_edge.distill.stages import text_after_image
 from vlsi_edge.errors import UserError
-from vlsi_edge.models.registry import load_model
 
 
 def _script(name: str):
@@ -73,14 +73,6 @@ def sample(i: int, path: Path, asks: list[tuple[str, str]]) -> Sample:
     for question, answer in asks:
         turns += [Turn("user", question), Turn("assistant", answer)]
     return Sample(f"scene-{i}", path, tuple(turns))
-
-
-def text_after_image(batch: dict, image_token_id: int) -> torch.Tensor:
-    """[batch, tokens] mask of the real tokens after each row's last image token."""
-    ids = batch["input_ids"]
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    last_image = torch.where(ids == image_token_id, pos, torch.full_like(pos, -1)).amax(1, keepdim=True)
-    return (pos > last_image) & batch["attention_mask"].bool()
 
 
 def evaluate(vlm, head, layer: int, held, yes_no: tuple[int, int]) -> dict:
@@ -118,11 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=100)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if out.exists():
-        print(f"lm_counts: error: {out} already exists; expected a new folder", file=sys.stderr)
-        return 2
     try:
-        vlm = load_model(args.model)
+        vlm = vision_cells.open_model(args.model, out)
     except UserError as e:
         print(f"lm_counts: error: {e}", file=sys.stderr)
         return 2

@@ -103,6 +103,14 @@ def save_checkpoint(vlm, out: Path, record: str, payload: dict) -> None:
         raise
 
 
+def open_model(model: str, out: Path):
+    """The checkpoint a run trains, loaded, once its new output folder `out` is known to be free (UserError if
+    `out` exists or the model does not load)."""
+    if out.exists():
+        raise UserError(f"{out} already exists", "expected a new folder")
+    return load_model(model)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True)
@@ -116,11 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=250)
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if out.exists():
-        print(f"vision_cells: error: {out} already exists; expected a new folder", file=sys.stderr)
-        return 2
     try:
-        vlm = load_model(args.model)
+        vlm = open_model(args.model, out)
     except UserError as e:
         print(f"vision_cells: error: {e}", file=sys.stderr)
         return 2
