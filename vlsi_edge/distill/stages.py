@@ -10,6 +10,7 @@ VLsI: https://arxiv.org/abs/2412.01822 (§3.1 verbalization, §3.2 interaction, 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -30,17 +31,22 @@ class Side(nn.Module):
     the image of the squared error on the target's supervised entries, per row (`scene_loss`).
     """
 
-    def __init__(self, adapter, verb: Verbalizers | None, aux: nn.Linear | None = None, aux_layer: int = 0):
+    def __init__(self, adapter, verb: Verbalizers | None, aux: nn.Linear | None = None, aux_layer: int = 0,
+                 place: nn.Linear | None = None, place_layer: int = 0):
         super().__init__()
         self.adapter = adapter
         self.model = adapter.model
         self.verb = verb
         self.aux = aux
         self.aux_layer = aux_layer
+        self.place = place
+        self.place_layer = place_layer
 
     def forward(self, batch: dict, layers: list[int], index: torch.Tensor, backbone_grad: bool) -> dict:
         aux_target = batch.pop("aux_target", None)
-        wanted = list(layers) + ([self.aux_layer] if aux_target is not None else [])
+        place = batch.pop("place_target", None)
+        wanted = list(layers) + ([self.aux_layer] if aux_target is not None else []) \
+            + ([self.place_layer] if place is not None else [])
         with torch.set_grad_enabled(backbone_grad and torch.is_grad_enabled()):
             states = self.adapter.hidden_states(batch, wanted)
         out = {}
@@ -50,6 +56,8 @@ class Side(nn.Module):
         if aux_target is not None:
             mask = text_after_image(batch, image_token_id(self.model.config))
             out["aux"] = scene_loss(self.aux(states[self.aux_layer]), aux_target, mask)
+        if place is not None:
+            out["place"] = place_loss(self.place(states[self.place_layer]), place)
         return out
 
 
@@ -81,6 +89,33 @@ def scene_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     per_pos = per_entry.sum(-1) / known.sum(-1, keepdim=True).clamp(min=1)        # [B, T]
     use = mask & known.any(-1, keepdim=True)
     return (per_pos * use).sum(-1) / use.sum(-1).clamp(min=1)
+
+
+def place_target(ids: torch.Tensor, grid_thw: torch.Tensor, merge: int, image_token: int) -> torch.Tensor:
+    """[B, T, 2]: each image token's (row + 0.5) / rows and (col + 0.5) / cols in its image's grid of merged
+    tokens, NaN at every other position. `grid_thw` [images, 3] holds each image's (t, h, w) in patches, images in
+    the order their tokens appear (row by row through the batch), as Qwen-VL processors lay them out."""
+    places = []
+    for t, h, w in grid_thw.tolist():
+        rows, cols = h // merge, w // merge
+        r = torch.arange(rows).repeat_interleave(cols).repeat(t)
+        c = torch.arange(cols).repeat(rows * t)
+        places.append(torch.stack([(r + 0.5) / rows, (c + 0.5) / cols], -1))
+    is_image = ids == image_token
+    flat = torch.cat(places) if places else torch.zeros(0, 2)
+    if int(is_image.sum()) != len(flat):
+        raise ValueError(f"{int(is_image.sum())} image tokens in the batch but its image grids make {len(flat)}")
+    out = torch.full((*ids.shape, 2), math.nan, device=ids.device)
+    out[is_image] = flat.to(out)
+    return out
+
+
+def place_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row [B]: the squared error of pred [B, T, 2] against target [B, T, 2] averaged over both coordinates and
+    the row's image tokens (finite targets); 0 for a row without image tokens (still in the graph, for DDP)."""
+    known = torch.isfinite(target[..., 0])
+    per_pos = ((pred - torch.nan_to_num(target)) ** 2).mean(-1)
+    return (per_pos * known).sum(-1) / known.sum(-1).clamp(min=1)
 
 
 @dataclass
@@ -122,10 +157,11 @@ def trainable_parameters(phase: str, ctx: Context, lora: bool) -> tuple[list, li
             model_params = [p for p in s_model.parameters() if phase != "interact" or p is not head]
         if phase == "interact":
             verb_params = list(s_verb.parameters())
-    if ctx.student.aux is not None:
-        ctx.student.aux.requires_grad_(False)
-        if phase in SCENE_PHASES:
-            model_params += list(ctx.student.aux.parameters())
+    for head in (ctx.student.aux, ctx.student.place):
+        if head is not None:
+            head.requires_grad_(False)
+            if phase in SCENE_PHASES:
+                model_params += list(head.parameters())
     for p in model_params + verb_params:
         p.requires_grad_(True)
     return model_params, verb_params
@@ -231,12 +267,14 @@ def _with_scene(ctx: Context, feats: dict, per_row: torch.Tensor, loss: torch.Te
     tokens. The trainer divides by the step's response tokens, so the scene loss weighs `aux_weight` x its
     token-weighted mean (rows without a target count 0) against the per-token answer loss, and, being a sum over
     rows like that loss, splits over micro-batches and ranks exactly. Logged as `aux` and `main` (the loss without
-    it), per token like `loss`."""
-    if "aux" not in feats:
-        return loss, logs
-    term = (feats["aux"] * per_row).sum()
-    logs.update(main=loss.detach(), aux=term.detach())
-    return loss + ctx.cfg.train.aux_weight * term, logs
+    it), per token like `loss`. The image-token place target (`place`, weighed by `place_weight`) joins the same way."""
+    total = loss
+    for name, weight in (("aux", ctx.cfg.train.aux_weight), ("place", ctx.cfg.train.place_weight)):
+        if name in feats:
+            term = (feats[name] * per_row).sum()
+            logs.update(main=loss.detach(), **{name: term.detach()})
+            total = total + weight * term
+    return total, logs
 
 
 def _pair_loss(op: str, x_s, w_s, teacher, targets, vocab, chunk, direction, student_lse=None):

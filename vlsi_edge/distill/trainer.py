@@ -28,7 +28,16 @@ import torch
 from vlsi_edge import fileio
 from vlsi_edge.config import DistillConfig
 from vlsi_edge.distill import checkpoint as ckpt
-from vlsi_edge.distill.stages import SCENE_PHASES, Context, Side, phase_loss, response_tokens, trainable_parameters
+from vlsi_edge.distill.stages import (
+    SCENE_PHASES,
+    Context,
+    Side,
+    image_token_id,
+    phase_loss,
+    place_target,
+    response_tokens,
+    trainable_parameters,
+)
 from vlsi_edge.distill.verbalizer import Verbalizers, fingerprint
 from vlsi_edge.errors import ConfigError, UserError
 
@@ -270,7 +279,7 @@ class Trainer:
                 self.have_teacher_verbalizers = True
             else:
                 t_verb = Verbalizers(self.t_layers, teacher.hidden_size, cfg.verbalizer.residual).to(self.device)
-        self.student_side = Side(student, s_verb, *self._scene_head(student))
+        self.student_side = Side(student, s_verb, *self._scene_head(student), *self._place_head(student))
         self.teacher_side = Side(teacher, t_verb) if teacher is not None else None
         self.phases = phases_for(cfg, self.have_teacher_verbalizers)
         if "interact" in self.phases and teacher is None and not cfg.cache.dir:
@@ -327,6 +336,29 @@ class Trainer:
             head.load_state_dict(_load_scene_head(Path(cfg.aux_init), head))
         self.log(f"scene targets: {width} per record ({sum(r is not None for r in rows):,} of {len(rows):,} "
                  f"records), head on decoder layer {layer}, weight {cfg.aux_weight}")
+        return head, layer
+
+    def _place_head(self, student) -> tuple:
+        """(head, layer) for `train.place_weight > 0`: a zero-initialised linear map from decoder layer
+        `place_layer` to each image token's (row, column) in its image; (None, 0) when off."""
+        cfg = self.cfg.train
+        if not cfg.place_weight:
+            return None, 0
+        layer = cfg.place_layer or max(1, student.num_layers // 4)
+        if layer > student.num_layers:
+            raise ConfigError(f"train.place_layer = {layer} is beyond the student's {student.num_layers} layers",
+                              f"expected 1..{student.num_layers}")
+        config = student.model.config
+        merge = getattr(getattr(config, "vision_config", None), "spatial_merge_size", None)
+        if merge is None or image_token_id(config) is None:
+            raise ConfigError(f"train.place_weight needs a Qwen-VL family student (image grids in the batch); "
+                              f"{self.cfg.student} is {student.family}", "set train.place_weight=0")
+        self.place_merge = int(merge)
+        head = torch.nn.Linear(student.hidden_size, 2).to(self.device)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        self.log(f"place target: every image token's row and column, head on decoder layer {layer}, "
+                 f"weight {cfg.place_weight}")
         return head, layer
 
     def _cache_identity(self, full: bool) -> dict:
@@ -431,6 +463,12 @@ class Trainer:
             batch = self.s_collate(samples)
             if phase in SCENE_PHASES and self.student_side.aux is not None:
                 batch["aux_target"] = torch.stack([self.aux_table[id(s)] for s in samples])
+            if phase in SCENE_PHASES and self.student_side.place is not None:
+                if "image_grid_thw" not in batch:
+                    raise ConfigError("train.place_weight: the student's batches carry no image_grid_thw",
+                                      "use a Qwen-VL family student, or set train.place_weight=0")
+                batch["place_target"] = place_target(batch["input_ids"], batch["image_grid_thw"], self.place_merge,
+                                                     image_token_id(self.student_side.model.config))
             if phase in ("interact", "kd") and self.t_collate is not None:
                 batch["teacher_batch"] = {k: v.to(self.device) for k, v in self.t_collate(samples).items()}
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -443,8 +481,9 @@ class Trainer:
         call = self._wrap(phase)
         side = self.teacher_side if phase == "verbalize-teacher" else self.student_side
         model_params = [p for p in side.model.parameters() if p.requires_grad]  # after wrapping: FSDP2 swaps them
-        if side.aux is not None:
-            model_params += [p for p in side.aux.parameters() if p.requires_grad]
+        for head in (side.aux, side.place):
+            if head is not None:
+                model_params += [p for p in head.parameters() if p.requires_grad]
         verb_params = [p for p in side.verb.parameters() if p.requires_grad]
         groups = []
         decay = cfg.optim.weight_decay
@@ -574,8 +613,8 @@ class Trainer:
                     tensors["student." + k.removeprefix("model.")] = v
             elif k.startswith("verb."):
                 tensors["student_verb." + k.removeprefix("verb.")] = v
-            elif k.startswith("aux."):
-                tensors["student_aux." + k.removeprefix("aux.")] = v
+            elif k.startswith(("aux.", "place.")):
+                tensors["student_" + k] = v
         if self.teacher_side is not None and self.teacher_side.verb is not None:
             tensors.update({f"teacher_verb.{k}": v for k, v in self.teacher_side.verb.state_dict().items()})
         tensors["rng.torch"] = torch.get_rng_state()
@@ -604,9 +643,11 @@ class Trainer:
             model.load_state_dict(student, strict=False)  # tied weights appear once in a gathered state
         self.student_side.verb.load_state_dict(
             {k.removeprefix("student_verb."): v for k, v in t.items() if k.startswith("student_verb.")})
-        if self.student_side.aux is not None:
-            self.student_side.aux.load_state_dict(
-                {k.removeprefix("student_aux."): v for k, v in t.items() if k.startswith("student_aux.")})
+        for name in ("aux", "place"):
+            head = getattr(self.student_side, name)
+            if head is not None:
+                prefix = f"student_{name}."
+                head.load_state_dict({k.removeprefix(prefix): v for k, v in t.items() if k.startswith(prefix)})
         tv = {k.removeprefix("teacher_verb."): v for k, v in t.items() if k.startswith("teacher_verb.")}
         if tv and self.teacher_side is not None:
             self.teacher_side.verb.load_state_dict(tv)

@@ -1,0 +1,137 @@
+"""The place target: `vlsi-edge train --set train.place_weight=W` makes every image token regress its own row and
+column in its image's token grid, from decoder layer `place_layer`. It needs no data, only the image grids a
+Qwen-VL processor puts in the batch."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file  # noqa: E402
+
+from vlsi_edge.cli import main  # noqa: E402
+from vlsi_edge.distill import stages  # noqa: E402
+
+QS = "builtin:tiny-qwen2vl-student"
+DATA = "builtin:shapes:n_pretrain=0,n_train=24,n_val=0,n_test=0,seed=7"
+
+
+def test_place_target_by_hand():
+    img = 9
+    ids = torch.tensor([[1, img, img, img, img, 2, 0, 0],
+                        [1, 2, img, img, img, img, img, img]])
+    grids = torch.tensor([[1, 4, 4], [1, 4, 6]])        # patches; merged 2x2 -> a 2x2 and a 2x3 token grid
+    got = stages.place_target(ids, grids, 2, img)
+    q, h, s = 0.25, 0.75, 1 / 6
+    assert torch.equal(got[0, 1:5], torch.tensor([[q, q], [q, h], [h, q], [h, h]]))
+    want = torch.tensor([[q, s], [q, 3 * s], [q, 5 * s], [h, s], [h, 3 * s], [h, 5 * s]])
+    assert torch.allclose(got[1, 2:8], want)
+    assert torch.isnan(got[0, [0, 5, 6, 7]]).all() and torch.isnan(got[1, :2]).all()
+    with pytest.raises(ValueError, match="9 image tokens in the batch but its image grids make 10"):
+        stages.place_target(ids[:, :7], grids, 2, img)      # one image token cut off
+
+
+def test_place_loss_by_hand():
+    nan = math.nan
+    target = torch.tensor([[[nan, nan], [0.25, 0.75], [0.75, 0.25]], [[nan, nan]] * 3])
+    pred = torch.tensor([[[5.0, 5.0], [0.25, 0.25], [0.75, 0.25]], [[1.0, 1.0]] * 3], requires_grad=True)
+    loss = stages.place_loss(pred, target)
+    assert loss.tolist() == pytest.approx([(0.25 / 2 + 0) / 2, 0.0])   # ((0.5^2 + 0) / 2 + 0) / 2 tokens
+    loss.sum().backward()                                           # the no-image row is in the graph, zero grad
+    assert pred.grad[1].abs().sum() == 0 and pred.grad[0, 0].abs().sum() == 0
+
+
+def test_place_target_agrees_with_the_models_own_rope_positions():
+    """Qwen2-VL's M-RoPE gives each image token (t, start + row, start + col): the target must name the same cell."""
+    from vlsi_edge.data import open_dataset
+    from vlsi_edge.data.collate import Collator
+    from vlsi_edge.models import load_model
+
+    model = load_model(QS, dtype="float32", device="cpu")
+    batch = Collator(model, mode="train")(list(open_dataset(DATA, split="train"))[:3])
+    config = model.model.config
+    image = stages.image_token_id(config)
+    target = stages.place_target(batch["input_ids"], batch["image_grid_thw"], config.vision_config.spatial_merge_size,
+                                 image)
+    pos, _ = model.model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                              attention_mask=batch["attention_mask"])
+    for b in range(3):
+        where = batch["input_ids"][b] == image
+        h, w = (pos[k, b][where] for k in (1, 2))
+        rows = int(h.max() - h.min()) + 1
+        cols = int(w.max() - w.min()) + 1
+        want = torch.stack([(h - h.min() + 0.5) / rows, (w - w.min() + 0.5) / cols], -1).float()
+        assert rows == cols == 4 and torch.equal(target[b][where], want)
+        assert torch.isnan(target[b][~where]).all()
+
+
+def _train(out, *extra, model=QS, steps="4"):
+    return main(["train", "--model", model, "--data", DATA, "--out", str(out), "--steps", steps, "--batch-size", "4",
+                 "--seed", "3", "--set", "train.log_every=1", "train.checkpoint_every=2", *extra])
+
+
+def _weights(run):
+    return load_file(str(run / "student" / "model.safetensors"))
+
+
+def test_place_weight_trains_head_and_model_and_zero_changes_nothing(tmp_path, torch_threads):
+    plain, off, on = tmp_path / "plain", tmp_path / "off", tmp_path / "on"
+    assert _train(plain) == 0
+    assert _train(off, "--set", "train.place_weight=0", "train.place_layer=1") == 0
+    assert _train(on, "--set", "train.place_weight=3", "train.place_layer=1") == 0
+    a, b, c = _weights(plain), _weights(off), _weights(on)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    recs = [json.loads(line) for line in (on / "metrics.jsonl").open()]
+    assert all(r["place"] > 0 and r["loss"] == pytest.approx(r["main"] + 3 * r["place"]) for r in recs)
+    assert recs[-1]["place"] < recs[0]["place"]                       # the head learns the grid's mean at least
+    state = load_file(str(next((on / "state").glob("sft-*/tensors.safetensors"))))
+    assert state["student_place.weight"].shape == (2, 128) and state["student_place.bias"].abs().sum() > 0
+    assert not any("place" in k for k in c)
+
+
+def test_resume_with_both_targets_is_bit_identical(tmp_path, monkeypatch, torch_threads):
+    from vlsi_edge.distill import trainer as trainer_mod
+
+    extra = ("--set", "train.place_weight=2", "train.aux_weight=1")
+    data = DATA + ",scene_targets=1"
+    ref, run = tmp_path / "ref", tmp_path / "run"
+
+    def train(out, *more):
+        return main(["train", "--model", QS, "--data", data, "--out", str(out), "--steps", "5", "--batch-size", "4",
+                     "--seed", "3", "--set", "train.log_every=1", "train.checkpoint_every=2", *extra, *more])
+
+    assert train(ref) == 0
+    real, calls = trainer_mod.phase_loss, {"n": 0}
+
+    def crashing(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "phase_loss", crashing)
+    assert train(run) == 130
+    monkeypatch.setattr(trainer_mod, "phase_loss", real)
+    assert train(run, "--resume") == 0
+    a, b = _weights(ref), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(x)["loss"] for x in (r / "metrics.jsonl").open()] for r in (ref, run)]
+    assert losses[0] and losses[0] == losses[1]
+
+
+def test_bad_place_target_input(tmp_path, capsys):
+    def one_line(rc, *needles):
+        err = capsys.readouterr().err
+        lines = [ln for ln in err.splitlines() if ln.startswith("vlsi-edge: error:")]
+        assert rc == 2 and len(lines) == 1, err
+        assert all(n.lower() in lines[0].lower() for n in needles), lines[0]
+
+    one_line(_train(tmp_path / "a", "--set", "train.place_weight=1", "train.place_layer=9"), "place_layer", "9")
+    one_line(_train(tmp_path / "b", "--set", "train.place_weight=-1"), "place_weight")
+    one_line(_train(tmp_path / "c", "--set", "train.place_weight=1", "train.place_layer=0"), "place_layer")
+    one_line(_train(tmp_path / "d", "--set", "train.place_weight=1", model="builtin:tiny-llava_onevision-student"),
+             "place_weight", "qwen-vl")
+    assert not any((tmp_path / name).exists() for name in "abcd")
