@@ -69,7 +69,7 @@ def test_fsdp2_two_processes_equal_one(single, tmp_path):
 
 
 SCENE_ARGS = ["train", "--model", "builtin:tiny-qwen2vl-student", "--data", DATA + ",scene_targets=1", "--steps", "3",
-              "--set", "train.aux_weight=3", "train.aux_layer=2"]
+              "--set", "train.aux_weight=3", "train.aux_layer=2", "train.place_weight=2", "train.place_layer=1"]
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +78,14 @@ def scene_single(tmp_path_factory):
 
 
 def test_ddp_with_scene_targets_equals_one(scene_single, tmp_path):
-    """The scene-target loss is a sum over rows like the answer loss, so 2 ranks x 4 rows equal 1 process x 8."""
+    """The scene-target and place losses are sums over rows like the answer loss, so 2 ranks x 4 rows equal
+    1 process x 8."""
     one, two = scene_single, tmp_path / "two"
     _run(_torchrun(2) + [*SCENE_ARGS, "--batch-size", "4", "--out", str(two)], tmp_path)
     _same_tensors(one, two, ["student/model.safetensors", "aux_head.safetensors"])
     # the loss lines agree (all-reduced); `aux`, like every other logged term, is rank 0's own share
     la, lb = ([json.loads(x) for x in (p / "metrics.jsonl").open()] for p in (one, two))
-    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5) and la[-1]["aux"] > 0
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], rel=1e-5) and la[-1]["aux"] > 0 < la[-1]["place"]
 
 
 @pytest.mark.slow
