@@ -67,6 +67,28 @@ def test_place_target_agrees_with_the_models_own_rope_positions():
         assert torch.isnan(target[b][~where]).all()
 
 
+def test_layer_zero_sends_the_place_loss_into_the_vision_tower_only():
+    """Layer 0 is the language model's input: there the image tokens are the tower's (merged) output."""
+    from vlsi_edge.data import open_dataset
+    from vlsi_edge.data.collate import Collator
+    from vlsi_edge.models import load_model
+
+    model = load_model(QS, dtype="float32", device="cpu")
+    torch.manual_seed(0)
+    head = torch.nn.Linear(model.hidden_size, 2)
+    side = stages.Side(model, None, place=head, place_layer=0)
+    batch = Collator(model, mode="train")(list(open_dataset(DATA, split="train"))[:2])
+    config = model.model.config
+    batch["place_target"] = stages.place_target(batch["input_ids"], batch["image_grid_thw"],
+                                                config.vision_config.spatial_merge_size, stages.image_token_id(config))
+    side(batch, [], torch.zeros(0, dtype=torch.long), backbone_grad=True)["place"].sum().backward()
+    grads = {n: p.grad for n, p in model.model.named_parameters()}
+    tower = [g for n, g in grads.items() if "visual" in n]
+    rest = [g for n, g in grads.items() if "visual" not in n]
+    assert tower and all(g is not None for g in tower) and sum(float(g.abs().sum()) for g in tower) > 0
+    assert all(g is None or g.abs().sum() == 0 for g in rest)
+
+
 def _train(out, *extra, model=QS, steps="4"):
     return main(["train", "--model", model, "--data", DATA, "--out", str(out), "--steps", steps, "--batch-size", "4",
                  "--seed", "3", "--set", "train.log_every=1", "train.checkpoint_every=2", *extra])
@@ -131,7 +153,7 @@ def test_bad_place_target_input(tmp_path, capsys):
 
     one_line(_train(tmp_path / "a", "--set", "train.place_weight=1", "train.place_layer=9"), "place_layer", "9")
     one_line(_train(tmp_path / "b", "--set", "train.place_weight=-1"), "place_weight")
-    one_line(_train(tmp_path / "c", "--set", "train.place_weight=1", "train.place_layer=0"), "place_layer")
+    one_line(_train(tmp_path / "c", "--set", "train.place_weight=1", "train.place_layer=-1"), "place_layer")
     one_line(_train(tmp_path / "d", "--set", "train.place_weight=1", model="builtin:tiny-llava_onevision-student"),
              "place_weight", "qwen-vl")
     assert not any((tmp_path / name).exists() for name in "abcd")

@@ -51,7 +51,8 @@ class TrainConfig:
     aux_init: str | None = None      # start the head from RUN/aux_head.safetensors of an earlier stage
     # place target: every image token regresses its own row and column in its image's token grid ((i + 0.5) / n),
     # by a zero-initialised linear head on decoder layer place_layer (default: a quarter of the depth), MSE weighted
-    # by place_weight (0: off). Needs no data; models whose batches carry `image_grid_thw` (Qwen-VL families).
+    # by place_weight (0: off); layer 0 is the language model's input, so the vision tower's output is what learns
+    # it. Needs no data; models whose batches carry `image_grid_thw` (Qwen-VL families).
     place_weight: float = 0.0
     place_layer: int | None = None
 
@@ -172,9 +173,11 @@ class DistillConfig:
                   "optim.min_lr_ratio": self.optim.min_lr_ratio, "train.aux_weight": self.train.aux_weight,
                   "train.place_weight": self.train.place_weight}
         p += [f"{k} = {v}: expected >= 0" for k, v in nonneg.items() if v < 0]
-        for name in ("aux_layer", "place_layer"):
-            if getattr(self.train, name) is not None and getattr(self.train, name) < 1:
-                p.append(f"train.{name} = {getattr(self.train, name)}: expected a decoder layer number >= 1")
+        if self.train.aux_layer is not None and self.train.aux_layer < 1:
+            p.append(f"train.aux_layer = {self.train.aux_layer}: expected a decoder layer number >= 1")
+        if self.train.place_layer is not None and self.train.place_layer < 0:
+            p.append(f"train.place_layer = {self.train.place_layer}: expected a decoder layer number >= 0 (0: the "
+                     "language model's input, where image tokens are the vision tower's output)")
         for name in ("scale", "eps", "fixed_temperature"):
             if getattr(self.matching, name) <= 0:
                 p.append(f"matching.{name} = {getattr(self.matching, name)}: expected > 0")

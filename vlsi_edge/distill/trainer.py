@@ -344,7 +344,7 @@ class Trainer:
         cfg = self.cfg.train
         if not cfg.place_weight:
             return None, 0
-        layer = cfg.place_layer or max(1, student.num_layers // 4)
+        layer = max(1, student.num_layers // 4) if cfg.place_layer is None else cfg.place_layer
         if layer > student.num_layers:
             raise ConfigError(f"train.place_layer = {layer} is beyond the student's {student.num_layers} layers",
                               f"expected 1..{student.num_layers}")
