@@ -193,14 +193,16 @@ def test_head_is_saved_and_starts_the_next_stage(tmp_path, capsys, torch_threads
 
 @pytest.mark.parametrize("method, steps", [("vlsi", "verbalize=1,interact=2,sft=1"), ("kd", "2")])
 def test_scene_targets_in_the_distillation_phases(method, steps, tmp_path, torch_threads):
-    """The scene loss joins every phase that trains the student's backbone (interact, sft, kd), not verbalize."""
+    """The scene and place losses join every phase that trains the student's backbone (interact, sft, kd), not
+    verbalize."""
     run = tmp_path / method
     assert main(["distill", "--method", method, "--teacher", "builtin:tiny-qwen2vl-teacher", "--student", QS,
                  "--data", DATA, "--out", str(run), "--steps", steps, "--batch-size", "4",
-                 "--set", "train.log_every=1", "train.aux_weight=2", "train.aux_layer=3"]) == 0
+                 "--set", "train.log_every=1", "train.aux_weight=2", "train.aux_layer=3", "train.place_weight=0.5",
+                 "train.place_layer=0"]) == 0
     recs = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     for r in recs:
-        assert ("aux" in r) == (r["phase"] in stages.SCENE_PHASES), r
+        assert ("aux" in r) == ("place" in r) == (r["phase"] in stages.SCENE_PHASES), r
         if "aux" in r:
-            assert r["aux"] > 0 and r["loss"] == pytest.approx(r["main"] + 2 * r["aux"])
+            assert r["aux"] > 0 < r["place"] and r["loss"] == pytest.approx(r["main"] + 2 * r["aux"] + r["place"] / 2)
     assert {r["phase"] for r in recs if "aux" in r} == ({"interact", "sft"} if method == "vlsi" else {"kd"})
