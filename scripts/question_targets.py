@@ -29,6 +29,7 @@ from pathlib import Path
 
 from vlsi_edge.data.shapes import AUX_NAMES, PAIRS, PLURALS, SHAPES
 from vlsi_edge.errors import UserError
+from vlsi_edge.fileio import atomic_path
 
 QUESTION_NAMES = ("q:row first", "q:col first", "q:row second", "q:col second",
                   "q:count first", "q:count second")
@@ -87,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                 if r.get("aux") is None:
                     r["aux"] = [None] * width
             dst = args.data / f"{split}-{args.suffix}.json"
-            tmp = dst.with_suffix(".tmp")
-            tmp.write_text(json.dumps(records))
-            tmp.replace(dst)
+            with atomic_path(dst) as tmp:
+                tmp.write_text(json.dumps(records))
             print(f"{dst}: {len(records)} records, {n} with a question target")
     except UserError as e:
         print(f"question_targets: error: {e}", file=sys.stderr)

@@ -9,12 +9,12 @@ import math
 import pytest
 
 torch = pytest.importorskip("torch")
+import trainruns  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from vlsi_edge.cli import main  # noqa: E402
 from vlsi_edge.distill import stages  # noqa: E402
 
-QS = "builtin:tiny-qwen2vl-student"
+QS = trainruns.QS
 DATA = "builtin:shapes:n_pretrain=0,n_train=24,n_val=0,n_test=0,seed=7"
 
 
@@ -90,12 +90,10 @@ def test_layer_zero_sends_the_place_loss_into_the_vision_tower_only():
 
 
 def _train(out, *extra, model=QS, steps="4"):
-    return main(["train", "--model", model, "--data", DATA, "--out", str(out), "--steps", steps, "--batch-size", "4",
-                 "--seed", "3", "--set", "train.log_every=1", "train.checkpoint_every=2", *extra])
+    return trainruns.train(out, *extra, data=DATA, model=model, steps=steps)
 
 
-def _weights(run):
-    return load_file(str(run / "student" / "model.safetensors"))
+_weights = trainruns.weights
 
 
 def test_place_weight_trains_head_and_model_and_zero_changes_nothing(tmp_path, torch_threads):
@@ -115,29 +113,14 @@ def test_place_weight_trains_head_and_model_and_zero_changes_nothing(tmp_path, t
 
 
 def test_resume_with_both_targets_is_bit_identical(tmp_path, monkeypatch, torch_threads):
-    from vlsi_edge.distill import trainer as trainer_mod
-
-    extra = ("--set", "train.place_weight=2", "train.aux_weight=1")
-    data = DATA + ",scene_targets=1"
     ref, run = tmp_path / "ref", tmp_path / "run"
 
     def train(out, *more):
-        return main(["train", "--model", QS, "--data", data, "--out", str(out), "--steps", "5", "--batch-size", "4",
-                     "--seed", "3", "--set", "train.log_every=1", "train.checkpoint_every=2", *extra, *more])
+        return trainruns.train(out, "--set", "train.place_weight=2", "train.aux_weight=1", *more,
+                               data=DATA + ",scene_targets=1", steps="5")
 
     assert train(ref) == 0
-    real, calls = trainer_mod.phase_loss, {"n": 0}
-
-    def crashing(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(trainer_mod, "phase_loss", crashing)
-    assert train(run) == 130
-    monkeypatch.setattr(trainer_mod, "phase_loss", real)
-    assert train(run, "--resume") == 0
+    trainruns.killed_then_resumed(monkeypatch, train, run)
     a, b = _weights(ref), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [[json.loads(x)["loss"] for x in (r / "metrics.jsonl").open()] for r in (ref, run)]
@@ -146,10 +129,7 @@ def test_resume_with_both_targets_is_bit_identical(tmp_path, monkeypatch, torch_
 
 def test_bad_place_target_input(tmp_path, capsys):
     def one_line(rc, *needles):
-        err = capsys.readouterr().err
-        lines = [ln for ln in err.splitlines() if ln.startswith("vlsi-edge: error:")]
-        assert rc == 2 and len(lines) == 1, err
-        assert all(n.lower() in lines[0].lower() for n in needles), lines[0]
+        trainruns.one_line(capsys, rc, *needles)
 
     one_line(_train(tmp_path / "a", "--set", "train.place_weight=1", "train.place_layer=9"), "place_layer", "9")
     one_line(_train(tmp_path / "b", "--set", "train.place_weight=-1"), "place_weight")

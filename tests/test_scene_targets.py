@@ -12,6 +12,7 @@ from vlsi_edge.data import shapes
 from vlsi_edge.data.solver import analyse
 
 torch = pytest.importorskip("torch")
+import trainruns  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from vlsi_edge.cli import main  # noqa: E402
@@ -93,12 +94,10 @@ def test_text_after_image_mask():
 
 
 def _train(out, *extra, data=DATA, steps="4"):
-    return main(["train", "--model", QS, "--data", data, "--out", str(out), "--steps", steps, "--batch-size", "4",
-                 "--seed", "3", "--set", "train.log_every=1", "train.checkpoint_every=2", *extra])
+    return trainruns.train(out, *extra, data=data, steps=steps)
 
 
-def _weights(run):
-    return load_file(str(run / "student" / "model.safetensors"))
+_weights = trainruns.weights
 
 
 def test_aux_weight_trains_head_and_model_and_zero_changes_nothing(tmp_path, torch_threads):
@@ -120,23 +119,10 @@ def test_aux_weight_trains_head_and_model_and_zero_changes_nothing(tmp_path, tor
 
 
 def test_resume_with_scene_targets_is_bit_identical(tmp_path, monkeypatch, torch_threads):
-    from vlsi_edge.distill import trainer as trainer_mod
-
     extra = ("--set", "train.aux_weight=2")
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert _train(ref, *extra, steps="5") == 0
-    real, calls = trainer_mod.phase_loss, {"n": 0}
-
-    def crashing(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt      # killed in step 4, after the step-2 checkpoint
-        return real(*a, **kw)
-
-    monkeypatch.setattr(trainer_mod, "phase_loss", crashing)
-    assert _train(run, *extra, steps="5") == 130
-    monkeypatch.setattr(trainer_mod, "phase_loss", real)
-    assert _train(run, *extra, "--resume", steps="5") == 0
+    trainruns.killed_then_resumed(monkeypatch, lambda out, *more: _train(out, *extra, *more, steps="5"), run)
     a, b = _weights(ref), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (ref / "metrics.jsonl").read_text() != "" and \
@@ -144,11 +130,7 @@ def test_resume_with_scene_targets_is_bit_identical(tmp_path, monkeypatch, torch
         [json.loads(x)["loss"] for x in (run / "metrics.jsonl").open()]
 
 
-def _one_line(capsys, rc, *needles):
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("vlsi-edge: error:")]
-    assert rc == 2 and len(lines) == 1, err
-    assert all(n.lower() in lines[0].lower() for n in needles), lines[0]
+_one_line = trainruns.one_line
 
 
 def test_bad_scene_target_input(tmp_path, capsys):

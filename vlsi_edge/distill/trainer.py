@@ -329,14 +329,19 @@ class Trainer:
         nan = [math.nan] * width     # keyed by the sample object below: record ids need not be unique
         self.aux_table = {id(s): torch.tensor([math.nan if v is None else v for v in (r or nan)], dtype=torch.float32)
                           for s, r in zip(self.samples, rows)}
-        head = torch.nn.Linear(student.hidden_size, width).to(self.device)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+        head = self._zero_head(student.hidden_size, width)
         if cfg.aux_init:
             head.load_state_dict(_load_scene_head(Path(cfg.aux_init), head))
         self.log(f"scene targets: {width} per record ({sum(r is not None for r in rows):,} of {len(rows):,} "
                  f"records), head on decoder layer {layer}, weight {cfg.aux_weight}")
         return head, layer
+
+    def _zero_head(self, hidden: int, width: int) -> torch.nn.Linear:
+        """A linear head starting at zero: it first learns to read, so no early error reaches the model."""
+        head = torch.nn.Linear(hidden, width).to(self.device)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        return head
 
     def _place_head(self, student) -> tuple:
         """(head, layer) for `train.place_weight > 0`: a zero-initialised linear map from decoder layer
@@ -354,9 +359,7 @@ class Trainer:
             raise ConfigError(f"train.place_weight needs a Qwen-VL family student (image grids in the batch); "
                               f"{self.cfg.student} is {student.family}", "set train.place_weight=0")
         self.place_merge = int(merge)
-        head = torch.nn.Linear(student.hidden_size, 2).to(self.device)
-        torch.nn.init.zeros_(head.weight)
-        torch.nn.init.zeros_(head.bias)
+        head = self._zero_head(student.hidden_size, 2)
         self.log(f"place target: every image token's row and column, head on decoder layer {layer}, "
                  f"weight {cfg.place_weight}")
         return head, layer
