@@ -137,3 +137,23 @@ def test_bad_place_target_input(tmp_path, capsys):
     one_line(_train(tmp_path / "d", "--set", "train.place_weight=1", model="builtin:tiny-llava_onevision-student"),
              "place_weight", "qwen-vl")
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_text_only_batches_get_no_place_target(tmp_path, torch_threads):
+    """A record without an image has no image tokens: its rows add nothing, and an all-text batch trains as usual."""
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(tmp_path / "red.png")
+
+    def record(k, image):
+        question = ("<image>\n" if image else "") + "What colour is it? Answer with one word."
+        return {"id": k, **({"image": "red.png"} if image else {}),
+                "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "red"}]}
+
+    for name, images in (("text", [False] * 4), ("mixed", [False, True, False, True])):
+        (tmp_path / f"{name}.json").write_text(json.dumps([record(k, im) for k, im in enumerate(images)]))
+        run = tmp_path / f"run-{name}"
+        assert trainruns.train(run, "--split", name, "--set", "train.place_weight=1", data=str(tmp_path),
+                               steps="2") == 0
+        places = [json.loads(line)["place"] for line in (run / "metrics.jsonl").open()]
+        assert len(places) == 2 and (all(p == 0 for p in places) if name == "text" else all(p > 0 for p in places))

@@ -467,10 +467,8 @@ class Trainer:
             if phase in SCENE_PHASES and self.student_side.aux is not None:
                 batch["aux_target"] = torch.stack([self.aux_table[id(s)] for s in samples])
             if phase in SCENE_PHASES and self.student_side.place is not None:
-                if "image_grid_thw" not in batch:
-                    raise ConfigError("train.place_weight: the student's batches carry no image_grid_thw",
-                                      "use a Qwen-VL family student, or set train.place_weight=0")
-                batch["place_target"] = place_target(batch["input_ids"], batch["image_grid_thw"], self.place_merge,
+                grids = batch.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))  # none: a text-only batch
+                batch["place_target"] = place_target(batch["input_ids"], grids, self.place_merge,
                                                      image_token_id(self.student_side.model.config))
             if phase in ("interact", "kd") and self.t_collate is not None:
                 batch["teacher_batch"] = {k: v.to(self.device) for k, v in self.t_collate(samples).items()}
