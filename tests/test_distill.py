@@ -240,6 +240,18 @@ def test_every_recipe_loads_into_the_config_classes():
     assert big.train.batch_size * 8 * big.train.grad_accum == 512 and big.cache.dir and big.train.distributed == "fsdp2"
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """PyYAML reads "1e-5" as a string (YAML 1.1); a preset or `--set optim.lr=2e-4` must still mean the number."""
+    from vlsi_edge.cli import _distill_config
+    from vlsi_edge.config import load_yaml
+
+    assert load_yaml("[2e-4, 1E5, -3e+2, 7, 0.5, e5, 1e]") == [2e-4, 1e5, -300.0, 7, 0.5, "e5", "1e"]
+    preset = tmp_path / "p.yaml"
+    preset.write_text("optim:\n  lr: 1e-5\n")
+    assert _distill_config(str(preset), {}, []).optim.lr == 1e-5
+    assert _distill_config(str(preset), {}, ["optim.lr=2e-4"]).optim.lr == 2e-4
+
+
 def test_lora_run_merges_into_a_plain_checkpoint(tmp_path, torch_threads):
     run = tmp_path / "lora"
     assert _distill(run, "--lora", "--set", "lora.r=4", "--set", "lora.alpha=8", steps="verbalize=1,interact=2,sft=2") == 0

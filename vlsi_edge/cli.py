@@ -183,16 +183,14 @@ def eval(model: str, data: str, out: str, split: str = "test", batch_size: int =
 
 def _distill_config(base: str | None, flags: dict, sets: list[str]):
     """A DistillConfig from a preset (YAML path or recipe name), then explicit flags, then --set key=value."""
-    import yaml
-
-    from vlsi_edge.config import DistillConfig, recipe_path, recipes
+    from vlsi_edge.config import DistillConfig, load_yaml, recipe_path, recipes
 
     overrides = {k: v for k, v in flags.items() if v is not None}
     for item in sets or []:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.batch_size=8")
         key, value = item.split("=", 1)
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = load_yaml(value)
     if base is None:
         return DistillConfig.from_dict({}, overrides)
     path = Path(base)

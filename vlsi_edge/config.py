@@ -9,12 +9,35 @@ METHOD.md names every switch; each ambiguity of the paper is a field here with t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from vlsi_edge.errors import ConfigError
+
+
+def load_yaml(text: str):
+    """`yaml.safe_load`, but "1e-5" is a float as YAML 1.2 reads it (PyYAML follows YAML 1.1, where a float needs a
+    dot, so `--set optim.lr=1e-5` would arrive as the string '1e-5')."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())
+
+
+@functools.cache
+def _yaml_loader():
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
 
 STAGES = ("verbalize", "interact", "sft")
 DEFAULT_STEPS = {"verbalize": 100, "interact": 200, "sft": 100, "kd": 200}
@@ -225,7 +248,7 @@ class DistillConfig:
         if not path.is_file():
             raise ConfigError(f"config {path} not found", "pass a YAML preset, e.g. one of vlsi_edge/recipes/")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
