@@ -74,18 +74,19 @@ def last_states(vlm, items, layers: list[int], batch: int = 50) -> tuple[dict, l
 def head_reading(pred: torch.Tensor, items, gold: list[str]) -> dict:
     """Accuracy of the scene head's rows / columns of the two named objects read as a relation."""
     scene = question = axis = 0
+    has_q = pred.shape[1] >= Q + 4              # q entries name the two objects in PAIRS order
     for p, s, g in zip(pred.tolist(), items, gold):
         a, b = (PAIRS.index(x) for x in QUESTION.search(s.turns[0].text).groups())
         r = relation(p[ROW + a] - p[ROW + b], p[COL + a] - p[COL + b])
         scene += r == g
         axis += (r in RELATIONS[:2]) == (g in RELATIONS[:2])
-        if len(p) >= Q + 4:                      # q entries name the two objects in PAIRS order
+        if has_q:
             first, second = (p[Q], p[Q + 1]), (p[Q + 2], p[Q + 3])
             pa, pb = (first, second) if a < b else (second, first)
             question += relation(pa[0] - pb[0], pa[1] - pb[1]) == g
     n = len(gold)
     out = {"scene_entries": round(scene / n, 3), "scene_entries_axis": round(axis / n, 3)}
-    if pred.shape[1] >= Q + 4:
+    if has_q:
         out["question_entries"] = round(question / n, 3)
     return out
 

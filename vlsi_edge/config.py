@@ -39,6 +39,7 @@ def _yaml_loader():
                                  list("-+0123456789"))
     return Loader
 
+
 STAGES = ("verbalize", "interact", "sft")
 DEFAULT_STEPS = {"verbalize": 100, "interact": 200, "sft": 100, "kd": 200}
 
